@@ -1,0 +1,27 @@
+// Argument checks shared by every host function. The Python layer (fastdistil/ops/_checks.py)
+// validates user input first with clear ValueErrors; these are the backstop for direct callers
+// of the private ops.
+#pragma once
+#include <ATen/ATen.h>
+
+#define FD_CHECK_2D(x) TORCH_CHECK((x).dim() == 2, #x " must be 2-D (N, V), got shape ", (x).sizes())
+#define FD_CHECK_SAME_SHAPE(a, b) \
+  TORCH_CHECK((a).sizes() == (b).sizes(), #a " and " #b " must have the same shape, got ", (a).sizes(), " and ", (b).sizes())
+#define FD_CHECK_SAME_DTYPE(a, b) \
+  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), #a " and " #b " must have the same dtype, got ", \
+              (a).scalar_type(), " and ", (b).scalar_type())
+#define FD_CHECK_FLOATING(x) \
+  TORCH_CHECK(at::isFloatingType((x).scalar_type()), #x " must be a floating-point tensor, got ", (x).scalar_type())
+
+namespace fastdistil {
+
+// Optional per-row bool mask of length n, made contiguous; undefined when absent.
+inline at::Tensor checked_row_mask(const std::optional<at::Tensor>& row_mask, int64_t n) {
+  if (!row_mask.has_value() || !row_mask->defined()) return at::Tensor();
+  TORCH_CHECK(row_mask->scalar_type() == at::kBool, "row_mask must be bool, got ", row_mask->scalar_type());
+  TORCH_CHECK(row_mask->dim() == 1 && row_mask->size(0) == n, "row_mask must have shape (", n, "), got ",
+              row_mask->sizes());
+  return row_mask->contiguous();
+}
+
+}  // namespace fastdistil

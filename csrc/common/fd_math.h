@@ -1,0 +1,132 @@
+// Per-row math shared by the CPU (csrc/cpu/*.cpp) and CUDA (csrc/cuda/*.cu) kernels.
+//
+// Everything here is a template over the value type F, so the CPU build instantiates it with
+// at::vec::Vectorized<float> (and float for row tails) and the CUDA build with float. The CPU
+// tests therefore exercise the very formulas the GPU runs. Callers provide fd_exp / fd_log /
+// fd_select overloads for their F before including this header (see csrc/cpu/vec.h and the top
+// of each .cu file); the float ones are defined below.
+//
+// Spec: fastdistil/ops/kd_loss.py and fastdistil/ops/cosine_loss.py (the *_ref functions).
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FD_HD __host__ __device__ __forceinline__
+#else
+#define FD_HD inline
+#endif
+
+namespace fastdistil {
+
+FD_HD float fd_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);  // the SFU exp: 2 ulp, far below the fp32 noise of a 30k-term sum
+#else
+  return std::exp(x);
+#endif
+}
+FD_HD float fd_log(float x) {
+#if defined(__CUDA_ARCH__)
+  return __logf(x);
+#else
+  return std::log(x);
+#endif
+}
+// float64 versions: the CPU kernels also run in float64, so gradcheck can test them.
+FD_HD double fd_exp(double x) { return std::exp(x); }
+FD_HD double fd_log(double x) { return std::log(x); }
+template <typename T>
+FD_HD T fd_select(bool cond, T a, T b) { return cond ? a : b; }
+template <typename T>
+FD_HD T fd_max(T a, T b) {
+  // NaN-propagating max: a NaN logit must reach the loss, never be skipped by the running max.
+  return (a != a || a > b) ? a : b;
+}
+
+// ---------------------------------------------------------------------------------------------
+// kd_loss. With p = softmax(t / T) and q = softmax(s / T), one row's loss is
+//   KL(p || q) = sum_v p_v (t_v - s_v) / T  -  lse_t  +  lse_s,     lse_x = logsumexp(x / T),
+// because log p_v - log q_v = (t_v - s_v) / T - lse_t + lse_s and sum_v p_v = 1. So the forward
+// needs ONE pass over the row: online (max, sum of exp) for s and t, and the p-weighted sum of
+// (t - s) / T rescaled along with the teacher's sum. 0 * log 0 = 0: entries with t = -inf have
+// p = 0 and contribute nothing (the select avoids 0 * -inf = NaN).
+
+// The p-weighted term of one element, before normalisation by the teacher's sum:
+//   e_t * (t - s) * inv_T with e_t = exp(t * inv_T - m_t), and 0 where the teacher logit is -inf.
+template <typename F>
+FD_HD F kd_weighted_term(F e_t, F s, F t, F inv_temperature, F neg_inf, F zero) {
+  return fd_select(t == neg_inf, zero, e_t * ((t - s) * inv_temperature));
+}
+
+// Gradient of grad_row * KL(p || q) wrt s_v: grad_row * (q_v - p_v) / T, i.e.
+// scale = grad_row * inv_T. Computed from the saved log-sum-exps, no pass over the row needed.
+template <typename F>
+FD_HD F kd_grad(F s, F t, F inv_temperature, F lse_s, F lse_t, F scale) {
+  return scale * (fd_exp(s * inv_temperature - lse_s) - fd_exp(t * inv_temperature - lse_t));
+}
+
+// Running state of an online log-sum-exp: max m and sum d = sum exp(x - m).
+template <typename T>
+struct OnlineLse {
+  T m;
+  T d;
+};
+
+// Merge a block whose max is block_m and whose sum relative to block_m is block_d.
+template <typename T>
+FD_HD OnlineLse<T> lse_merge(OnlineLse<T> a, T block_m, T block_d) {
+  const T m = fd_max(a.m, block_m);
+  if (m == -INFINITY) return {m, T(0)};  // everything so far is -inf: nothing to add
+  return {m, a.d * fd_exp(a.m - m) + block_d * fd_exp(block_m - m)};
+}
+
+template <typename T>
+FD_HD T lse_value(OnlineLse<T> a) { return a.m + fd_log(a.d); }
+
+// The row's KL from the one-pass statistics: weighted = sum p_unnorm * (t - s) / T (relative to
+// the teacher's max), teacher/student the online states. KL >= 0 in exact math; the one-pass form
+// can come out a few ulp below 0 when p ~= q, so clamp (NaN compares false and passes through).
+template <typename T>
+FD_HD T kd_row_loss(T weighted, OnlineLse<T> teacher, OnlineLse<T> student) {
+  const T kl = weighted / teacher.d - lse_value(teacher) + lse_value(student);
+  return kl < T(0) ? T(0) : kl;
+}
+
+// ---------------------------------------------------------------------------------------------
+// cosine_loss. loss = 1 - cos, cos = <a,b> / sqrt((|a|^2 + eps)(|b|^2 + eps)), eps = 1e-12 as in
+// torch's cosine_embedding_loss. d cos / d a = b * r - a * cos / (|a|^2 + eps), r = 1 / sqrt(...).
+template <typename T>
+FD_HD T cosine_eps() { return T(1e-12); }
+
+template <typename T>
+FD_HD T cosine_rinv(T aa, T bb) {
+  return T(1) / std::sqrt((aa + cosine_eps<T>()) * (bb + cosine_eps<T>()));
+}
+
+// One row's loss from its statistics (<a,b>, |a|^2, |b|^2).
+template <typename T>
+FD_HD T cosine_row_loss(T dot, T aa, T bb) { return T(1) - dot * cosine_rinv(aa, bb); }
+
+// Per-row coefficients of the gradient of g * (1 - cos): see cosine_grad below.
+template <typename T>
+struct CosineCoefs {
+  T self_a;  // multiplies a in d/da
+  T self_b;  // multiplies b in d/db
+  T other;   // multiplies the other side in either gradient
+};
+
+template <typename T>
+FD_HD CosineCoefs<T> cosine_grad_coefs(T dot, T aa, T bb, T g) {
+  const T rinv = cosine_rinv(aa, bb), cos = dot * rinv;
+  return {g * cos / (aa + cosine_eps<T>()), g * cos / (bb + cosine_eps<T>()), -g * rinv};
+}
+
+// grad wrt a of g * (1 - cos(a, b)): -g * (b * r - a * cos / (|a|^2 + eps)).
+// coef_other = -g * r, coef_self = g * cos / (|a|^2 + eps); both are per-row scalars.
+template <typename F>
+FD_HD F cosine_grad(F self, F other, F coef_self, F coef_other) {
+  return self * coef_self + other * coef_other;
+}
+
+}  // namespace fastdistil

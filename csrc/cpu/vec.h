@@ -1,0 +1,77 @@
+// SIMD setup for the CPU kernels, then the shared per-row math (csrc/common/fd_math.h).
+//
+// ATen's Vectorized<float> picks its width from CPU_CAPABILITY_* macros. setup.py compiles with
+// -march=native (or FASTDISTIL_CPU_ARCH), so we map the compiler's own ISA macros onto them here:
+// the kernels use whatever the build machine has (AVX-512, AVX2+FMA, or plain scalar code).
+// The inline namespace gets a fastdistil-specific name so our instantiations can never be
+// confused with libtorch's own (ODR) at link or load time.
+#pragma once
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY_AVX512
+#define CPU_CAPABILITY fastdistil_avx512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#define CPU_CAPABILITY fastdistil_avx2
+#else
+#define CPU_CAPABILITY fastdistil_default
+#endif
+
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fastdistil {
+
+using Vec = at::vec::Vectorized<float>;
+
+// Overloads that let the templates of fd_math.h run on a whole SIMD register.
+// exp_u20: ATen's polynomial exp (max error ~20 ulp in fp32, ~1e-6 relative). The tests hold it
+// to the three-way rule against a float64 oracle; Sleef's 1-ulp exp costs twice as much here.
+inline Vec fd_exp(Vec x) { return x.exp_u20(); }
+inline Vec fd_select(Vec mask, Vec a, Vec b) { return Vec::blendv(b, a, mask); }
+
+// Rows are processed in blocks that stay in L1 between the sub-passes of a kernel.
+constexpr int64_t kBlock = 1024;
+
+// Copy n elements of a row into a float buffer. float rows are used in place (no copy); bf16 and
+// fp16 rows are widened block by block, so all the math runs in fp32.
+template <typename scalar_t>
+inline const float* as_float_block(const scalar_t* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    at::vec::convert(src, buf, n);
+    return buf;
+  }
+}
+
+// Store n floats to a row of scalar_t (narrowing for bf16/fp16, round to nearest even).
+template <typename scalar_t>
+inline void store_block(const float* src, int64_t n, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (src != dst) std::copy(src, src + n, dst);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// NaN-propagating max of n floats, so a NaN logit reaches the loss.
+inline float block_max(const float* x, int64_t n) {
+  Vec acc(-INFINITY);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::maximum(acc, Vec::loadu(x + i));
+  float m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, acc);
+  for (; i < n; ++i) m = (x[i] != x[i] || x[i] > m) ? x[i] : m;
+  return m;
+}
+
+inline float vec_sum(Vec v) {
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
+}
+
+}  // namespace fastdistil
+
+#include "../common/fd_math.h"

@@ -1,0 +1,13 @@
+"""fastdistil: distil BERT-family teachers into DistilBERT-style students, with fused kernels.
+
+Import order matters: backend loads the native extension (its C++ kernels register into the private
+ops), then ops defines the schemas, fakes, autograd and wiring of every op.
+"""
+
+from fastdistil import backend  # noqa: F401  (1. loads _C)
+from fastdistil import ops  # noqa: F401  (2. every op and its wiring)
+from fastdistil.nn import CosineLoss, KDLoss
+from fastdistil.ops import cosine_loss, kd_loss
+
+__version__ = "0.1.0"
+__all__ = ["CosineLoss", "KDLoss", "cosine_loss", "kd_loss"]

@@ -1,0 +1,165 @@
+"""Which implementation runs where.
+
+    python -m fastdistil.backend        # prints the (op, device) -> implementation table
+
+Loads the native extension fastdistil._C (csrc/), refusing one that was built against another torch,
+and records which implementation fills each device slot of every public op. The op files in
+fastdistil/ops/ decide the wiring in one visible block each, through register() below.
+
+CUDA slot: each op lists its CUDA implementations in order of preference (CUDA_PREFERENCE); the first
+one available here is used. FASTDISTIL_CUDA_IMPL=cuda_cpp|cuda_triton|reference forces one (any key of
+an op's *_IMPLS table). A missing native kernel never falls back silently: it warns once, loudly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+
+import torch
+
+__all__ = ["NATIVE", "NATIVE_PROBLEM", "FallbackWarning", "has_native", "cpu_impl", "cuda_impl", "register", "table"]
+
+
+class FallbackWarning(UserWarning):
+    """A fast implementation is missing and a slower one runs instead."""
+
+
+_BUILD_TAG = b"fastdistil-built-against-torch:"  # csrc/module.cpp embeds this tag + torch.__version__
+
+
+def _native_build_torch(path: str) -> str | None:
+    """The torch version recorded inside the built _C, read from the file WITHOUT loading it: loading a
+    binary built against another torch can crash in its static initialisers before any check runs."""
+    with open(path, "rb") as f:
+        blob = f.read()
+    i = blob.find(_BUILD_TAG)
+    if i < 0:
+        return None
+    end = blob.find(b"\0", i)
+    return blob[i + len(_BUILD_TAG) : end].decode("ascii", "replace")
+
+
+def build_problem(path: str | None) -> str | None:
+    """Why the native extension at `path` must not be loaded, or None when it is safe to load."""
+    if path is None:
+        return "fastdistil._C is not built (run `pip install --no-build-isolation -e .`)"
+    built_for = _native_build_torch(path)
+    if built_for != torch.__version__:
+        return (
+            f"fastdistil._C was built against torch {built_for} but torch {torch.__version__} is installed; "
+            "rebuild it with `pip install --no-build-isolation -e .`"
+        )
+    return None
+
+
+def _load_native():
+    if os.environ.get("FASTDISTIL_DISABLE_NATIVE") == "1":  # debugging aid: run the references everywhere
+        return None, "FASTDISTIL_DISABLE_NATIVE=1"
+    spec = importlib.util.find_spec("fastdistil._C")
+    problem = build_problem(None if spec is None else spec.origin)
+    if problem:
+        return None, problem
+    from fastdistil import _C  # runs every TORCH_LIBRARY_IMPL in csrc/
+
+    return _C, None
+
+
+NATIVE, NATIVE_PROBLEM = _load_native()
+
+# Per op, CUDA implementations in order of preference. Change the default here.
+CUDA_PREFERENCE: dict[str, tuple[str, ...]] = {}
+# (public op, device) -> a function of no arguments giving the name of the implementation in that slot.
+KERNELS: dict[tuple[str, str], object] = {}
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, FallbackWarning, stacklevel=3)
+
+
+def has_native(private_op) -> bool:
+    """True when csrc/ registered a kernel for this private op: torch.ops.fastdistil._kd_loss_fwd_cpu
+    or its name "fastdistil::_kd_loss_fwd_cpu"."""
+    name = getattr(private_op, "_qualified_op_name", private_op)
+    key = "CUDA" if name.endswith("_cuda") else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+
+
+def cpu_impl(op: str, impls: dict) -> str:
+    """Name of the implementation for the CPU slot: the C++ kernel, or the reference (with a warning)."""
+    if has_native(impls["cpu_cpp"]):
+        return "cpu_cpp"
+    _warn_once(
+        "cpu",
+        f"fastdistil: {NATIVE_PROBLEM or 'the C++ CPU kernels are not registered'}. "
+        "CPU ops run the slow pure-PyTorch reference.",
+    )
+    return "reference"
+
+
+def available_cuda_impls(op: str, impls: dict) -> list[str]:
+    names = []
+    for name, fn in impls.items():
+        if name == "cuda_cpp" and not has_native(fn):
+            continue
+        if name.startswith("cuda") or name == "reference":
+            names.append(name)
+    return names
+
+
+def cuda_impl(op: str, impls: dict) -> str:
+    """Name of the implementation for the CUDA slot, resolved at call time (so the env var works per run)."""
+    available = available_cuda_impls(op, impls)
+    forced = os.environ.get("FASTDISTIL_CUDA_IMPL")
+    if forced:
+        if forced not in impls:
+            raise ValueError(f"FASTDISTIL_CUDA_IMPL={forced!r} is not an implementation of {op}: {sorted(impls)}")
+        if forced not in available:
+            raise RuntimeError(f"FASTDISTIL_CUDA_IMPL={forced!r} is not available here ({NATIVE_PROBLEM or 'see README'})")
+        return forced
+    preference = CUDA_PREFERENCE[op]
+    for name in preference:
+        if name in available:
+            if name != preference[0]:
+                _warn_once(f"cuda:{op}", f"fastdistil: {preference[0]} is unavailable for {op}; using {name}.")
+            return name
+    _warn_once(f"cuda:{op}", f"fastdistil: no CUDA kernel for {op} is available; running the pure-PyTorch reference.")
+    return "reference"
+
+
+def register(op: str, *, cpu, cuda, cpu_name, cuda_name) -> None:
+    """register("fastdistil::kd_loss_fwd", cpu=f, cuda=g, ...): exactly one kernel per device, never a default.
+
+    cpu_name / cuda_name: functions returning the implementation name that the slot runs (for the table)."""
+    for device, fn, name in (("cpu", cpu, cpu_name), ("cuda", cuda, cuda_name)):
+        if (op, device) in KERNELS:
+            raise RuntimeError(f"{op} already has a {device} kernel")
+        torch.library.register_kernel(op, device, fn)
+        KERNELS[(op, device)] = name
+
+
+def table() -> list[tuple[str, str, str]]:
+    """(op, device, implementation) for every public op slot."""
+    return [(op, device, name()) for (op, device), name in sorted(KERNELS.items())]
+
+
+def main() -> None:
+    import fastdistil  # noqa: F401  (imports every op, which calls register())
+
+    native = "not loaded: " + NATIVE_PROBLEM if NATIVE is None else (
+        f"loaded (torch {NATIVE.torch_version}, CPU SIMD {NATIVE.cpu_capability}, "
+        f"CUDA kernels {'built' if NATIVE.with_cuda else 'not built'})"
+    )
+    print(f"fastdistil._C: {native}")
+    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    print(f"{'op':34s} {'device':6s} implementation")
+    for op, device, impl in table():
+        print(f"{op:34s} {device:6s} {impl}")
+
+
+if __name__ == "__main__":
+    main()

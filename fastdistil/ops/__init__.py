@@ -1,0 +1,23 @@
+"""Public ops. Each file in this folder states one op completely (reference, schema, fake, autograd,
+public function, wiring).
+
+The public functions share their names with their files (fastdistil.ops.kd_loss is the function);
+op_module("kd_loss") returns the file's module, with its references and *_IMPLS tables.
+"""
+
+import importlib
+from types import ModuleType
+
+from fastdistil.ops.cosine_loss import cosine_loss
+from fastdistil.ops.kd_loss import kd_loss
+
+OPS = ("kd_loss", "cosine_loss")
+
+__all__ = ["OPS", "cosine_loss", "kd_loss", "op_module"]
+
+
+def op_module(name: str) -> ModuleType:
+    """The module fastdistil/ops/<name>.py (the attribute of the same name is the public function)."""
+    if name not in OPS:
+        raise ValueError(f"unknown op {name!r}; fastdistil has {OPS}")
+    return importlib.import_module(f"fastdistil.ops.{name}")
