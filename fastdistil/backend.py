@@ -1,6 +1,6 @@
 """Which implementation runs where.
 
-    python -m fastdistil.backend        # prints the (op, device) -> implementation table
+    python -m fastdistil.info           # prints the build and the (op, device) -> implementation table
 
 Loads the native extension fastdistil._C (csrc/), refusing one that was built against another torch,
 and records which implementation fills each device slot of every public op. The op files in
@@ -145,21 +145,3 @@ def register(op: str, *, cpu, cuda, cpu_name, cuda_name) -> None:
 def table() -> list[tuple[str, str, str]]:
     """(op, device, implementation) for every public op slot."""
     return [(op, device, name()) for (op, device), name in sorted(KERNELS.items())]
-
-
-def main() -> None:
-    import fastdistil  # noqa: F401  (imports every op, which calls register())
-
-    native = "not loaded: " + NATIVE_PROBLEM if NATIVE is None else (
-        f"loaded (torch {NATIVE.torch_version}, CPU SIMD {NATIVE.cpu_capability}, "
-        f"CUDA kernels {'built' if NATIVE.with_cuda else 'not built'})"
-    )
-    print(f"fastdistil._C: {native}")
-    print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
-    print(f"{'op':34s} {'device':6s} implementation")
-    for op, device, impl in table():
-        print(f"{op:34s} {device:6s} {impl}")
-
-
-if __name__ == "__main__":
-    main()

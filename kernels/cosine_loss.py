@@ -2,14 +2,14 @@
 fastdistil/ops/cosine_loss.py).
 
 One program per row; the whole hidden vector (H <= 8192) is one block. Forward writes the loss and the
-row statistics (<s,t>, |s|^2, |t|^2); backward writes both gradients from them.
+row statistics (<s,t>, |s|^2, |t|^2); backward writes both gradients from them. eps = 1e-12 inside the
+sqrt, as torch's cosine_embedding_loss.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-EPS = 1e-12  # inside the sqrt, as torch's cosine_embedding_loss
 
 
 @triton.jit

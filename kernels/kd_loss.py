@@ -1,10 +1,11 @@
 """Triton kernels for fastdistil::kd_loss (spec: kd_loss_fwd_ref / kd_loss_bwd_ref in
 fastdistil/ops/kd_loss.py; the C++ kernels in csrc/ compute the same one-pass formulas).
 
-Forward: one program per row, ONE pass over V in BLOCK_V blocks, keeping online (max, sum of exp)
-for s/T and t/T and the p-weighted sum of (t - s)/T, rescaled with the teacher's running max:
+Forward: one program per row. Pass 1 over V in BLOCK_V blocks keeps online (max, sum of exp) for s/T
+and t/T and the p-weighted sum of (t - s)/T, rescaled with the teacher's running max:
     KL = w / d_t - lse_t + lse_s.
-Backward: one program per (row, block of V), elementwise from the saved log-sum-exps.
+With WITH_GRAD, pass 2 writes d KL / d s = (q - p) / T (the row is re-read, mostly from L2).
+Backward: scales the gradient rows by grad_loss in place, one program per (row, block of V).
 Rows where row_mask is False are never loaded (every load is masked with `keep`).
 """
 
@@ -17,9 +18,10 @@ import triton.language as tl
 def _kd_loss_fwd_kernel(
     s_ptr, t_ptr,  # (N, V) student / teacher logits, rows contiguous
     mask_ptr,  # (N,) bool as uint8, read only when HAS_MASK
-    loss_ptr, s_lse_ptr, t_lse_ptr,  # (N,) fp32 outputs
+    loss_ptr,  # (N,) fp32
+    grad_ptr,  # (N, V) like s, written only when WITH_GRAD
     stride_row, V, inv_temperature,
-    HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_MASK: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 once N * V does
     keep = True
@@ -55,69 +57,55 @@ def _kd_loss_fwd_kernel(
     kl = w / d_t - lse_t + lse_s
     kl = tl.where(kl < 0, 0.0, kl)  # >= 0 in exact math; NaN passes through (the comparison is false)
     tl.store(loss_ptr + row, tl.where(keep, kl, 0.0))
-    tl.store(s_lse_ptr + row, tl.where(keep, lse_s, 0.0))
-    tl.store(t_lse_ptr + row, tl.where(keep, lse_t, 0.0))
+    if WITH_GRAD:
+        grad_ptr += row * stride_row
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            valid = (cols < V) & keep
+            s = tl.load(s_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temperature
+            t = tl.load(t_ptr + cols, mask=valid, other=0.0).to(tl.float32) * inv_temperature
+            g = (tl.exp(s - lse_s) - tl.exp(t - lse_t)) * inv_temperature
+            g = tl.where(valid, g, 0.0)  # exact zeros on unselected rows
+            tl.store(grad_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 @triton.jit
-def _kd_loss_bwd_kernel(
-    grad_loss_ptr, s_ptr, t_ptr, s_lse_ptr, t_lse_ptr, mask_ptr, grad_ptr,
-    stride_row, V, inv_temperature,
-    HAS_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
-):
+def _kd_loss_bwd_kernel(grad_loss_ptr, grad_ptr, stride_row, V, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    keep = True
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + row) != 0
-    valid = (cols < V) & keep
-    s = tl.load(s_ptr + row * stride_row + cols, mask=valid, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + row * stride_row + cols, mask=valid, other=0.0).to(tl.float32)
-    scale = tl.load(grad_loss_ptr + row).to(tl.float32) * inv_temperature
-    lse_s = tl.load(s_lse_ptr + row).to(tl.float32)
-    lse_t = tl.load(t_lse_ptr + row).to(tl.float32)
-    g = scale * (tl.exp(s * inv_temperature - lse_s) - tl.exp(t * inv_temperature - lse_t))
-    g = tl.where(valid, g, 0.0)  # exact zeros on unselected rows
-    tl.store(grad_ptr + row * stride_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
-
-
-def _mask_arg(row_mask, like):
-    if row_mask is None:
-        return like, False  # any pointer: never read
-    return row_mask.contiguous().view(torch.uint8), True
+    ptrs = grad_ptr + row * stride_row + cols
+    scale = tl.load(grad_loss_ptr + row).to(tl.float32)
+    g = tl.load(ptrs, mask=cols < V, other=0.0).to(tl.float32) * scale
+    tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 def _device_ctx(t):
     return torch.cuda.device(t.device) if t.is_cuda else torch.device(t.device)  # the tensor's GPU, not GPU 0
 
 
-def kd_loss_fwd(student_logits, teacher_logits, temperature, row_mask=None):
-    """(N, V), (N, V), float, (N,) bool or None -> loss, student_lse, teacher_lse: each (N,) float32."""
+def kd_loss_fwd(student_logits, teacher_logits, temperature, row_mask=None, with_grad=False):
+    """(N, V), (N, V), float, (N,) bool or None, bool -> loss (N,) float32, grad (N, V) like s or (0,)."""
     s, t = student_logits.contiguous(), teacher_logits.contiguous()
     N, V = s.shape
-    loss, s_lse, t_lse = (torch.empty(N, device=s.device, dtype=torch.float32) for _ in range(3))
-    mask, has_mask = _mask_arg(row_mask, s)
+    loss = torch.empty(N, device=s.device, dtype=torch.float32)
+    grad = torch.empty_like(s) if with_grad else s.new_empty((0,))
+    mask = s if row_mask is None else row_mask.contiguous().view(torch.uint8)  # any pointer when unused
     BLOCK_V = min(triton.next_power_of_2(V), 4096)  # 4096 fp32 lanes per step keeps registers in check
     if N > 0:
         with _device_ctx(s):
             _kd_loss_fwd_kernel[(N,)](
-                s, t, mask, loss, s_lse, t_lse, s.stride(0), V, 1.0 / temperature, HAS_MASK=has_mask, BLOCK_V=BLOCK_V
+                s, t, mask, loss, grad if with_grad else s, s.stride(0), V, 1.0 / temperature,
+                HAS_MASK=row_mask is not None, WITH_GRAD=with_grad, BLOCK_V=BLOCK_V,
             )
-    return loss, s_lse, t_lse
+    return loss, grad
 
 
-def kd_loss_bwd(grad_loss, student_logits, teacher_logits, student_lse, teacher_lse, temperature, row_mask=None):
-    """d sum_i grad_loss[i] * loss[i] / d student_logits: (N, V) in student_logits.dtype."""
-    s, t = student_logits.contiguous(), teacher_logits.contiguous()
-    N, V = s.shape
-    grad = torch.empty_like(s)
-    mask, has_mask = _mask_arg(row_mask, s)
+def kd_loss_bwd(grad_loss, grad_logits):
+    """grad_logits[i, :] *= grad_loss[i], in place."""
+    N, V = grad_logits.shape
     BLOCK_V = min(triton.next_power_of_2(V), 2048)
     if N > 0:
-        with _device_ctx(s):
+        with _device_ctx(grad_logits):
             _kd_loss_bwd_kernel[(N, triton.cdiv(V, BLOCK_V))](
-                grad_loss.float().contiguous(), s, t, student_lse.float().contiguous(),
-                teacher_lse.float().contiguous(), mask, grad, s.stride(0), V, 1.0 / temperature,
-                HAS_MASK=has_mask, BLOCK_V=BLOCK_V,
+                grad_loss.float().contiguous(), grad_logits, grad_logits.stride(0), V, BLOCK_V=BLOCK_V
             )
-    return grad

@@ -22,6 +22,15 @@ TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # the interpreter runs Triton on 
 IMPL_DEVICE = {"reference": "cpu", "cpu_cpp": "cpu", "cuda_cpp": "cuda", "cuda_triton": TRITON_DEVICE}
 
 
+def output_rounding_slack(impl: str, dtype: torch.dtype) -> float:
+    """Relative slack for outputs stored in `dtype`. Triton's interpreter (CPU) converts fp32 -> bf16 by
+    TRUNCATION, ignoring fp_downcast_rounding (seen with Triton 3.8: half of all elements off by one ulp),
+    while GPUs round to nearest even. Allow that extra ulp there, and only there."""
+    if impl == "cuda_triton" and not HAS_CUDA and dtype == torch.bfloat16:
+        return torch.finfo(dtype).eps
+    return 0.0
+
+
 def available(impls: dict) -> list:
     """pytest params for an op's *_IMPLS table: every implementation, skipped (with the reason) where it
     cannot run here, so a missing kernel shows up as a skip in the report, never as a silent pass."""

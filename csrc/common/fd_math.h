@@ -47,10 +47,10 @@ FD_HD T fd_max(T a, T b) {
 // ---------------------------------------------------------------------------------------------
 // kd_loss. With p = softmax(t / T) and q = softmax(s / T), one row's loss is
 //   KL(p || q) = sum_v p_v (t_v - s_v) / T  -  lse_t  +  lse_s,     lse_x = logsumexp(x / T),
-// because log p_v - log q_v = (t_v - s_v) / T - lse_t + lse_s and sum_v p_v = 1. So the forward
-// needs ONE pass over the row: online (max, sum of exp) for s and t, and the p-weighted sum of
-// (t - s) / T rescaled along with the teacher's sum. 0 * log 0 = 0: entries with t = -inf have
-// p = 0 and contribute nothing (the select avoids 0 * -inf = NaN).
+// because log p_v - log q_v = (t_v - s_v) / T - lse_t + lse_s and sum_v p_v = 1. So the loss needs ONE
+// pass over the row: online (max, sum of exp) for s and t, and the p-weighted sum of (t - s) / T,
+// rescaled along with the teacher's sum. 0 * log 0 = 0: entries with t = -inf have p = 0 and add
+// nothing (the select avoids 0 * -inf = NaN). The gradient wrt s is (q - p) / T.
 
 // The p-weighted term of one element, before normalisation by the teacher's sum:
 //   e_t * (t - s) * inv_T with e_t = exp(t * inv_T - m_t), and 0 where the teacher logit is -inf.
@@ -59,12 +59,26 @@ FD_HD F kd_weighted_term(F e_t, F s, F t, F inv_temperature, F neg_inf, F zero) 
   return fd_select(t == neg_inf, zero, e_t * ((t - s) * inv_temperature));
 }
 
-// Gradient of grad_row * KL(p || q) wrt s_v: grad_row * (q_v - p_v) / T, i.e.
-// scale = grad_row * inv_T. Computed from the saved log-sum-exps, no pass over the row needed.
+// (q - p) * scale from unnormalised exponentials: e_s = exp(s/T - ref_s), e_t = exp(t/T - ref_t), and
+// c_s = exp(ref_s - lse_s) * scale, c_t = exp(ref_t - lse_t) * scale (per block, see kd_coef).
+template <typename F>
+FD_HD F kd_grad_from_exp(F e_s, F e_t, F c_s, F c_t) {
+  return e_s * c_s - e_t * c_t;
+}
+
+// (q - p) * scale straight from the logits and the row's log-sum-exps.
 template <typename F>
 FD_HD F kd_grad(F s, F t, F inv_temperature, F lse_s, F lse_t, F scale) {
   return scale * (fd_exp(s * inv_temperature - lse_s) - fd_exp(t * inv_temperature - lse_t));
 }
+
+// Exponentials of a block are taken relative to its max; a block that is all -inf uses 0 instead, so
+// exp(-inf - 0) = 0 rather than exp(-inf - -inf) = NaN.
+template <typename T>
+FD_HD T exp_ref(T block_max) { return block_max == -INFINITY ? T(0) : block_max; }
+
+template <typename T>
+FD_HD T kd_coef(T ref, T lse, T scale) { return fd_exp(ref - lse) * scale; }
 
 // Running state of an online log-sum-exp: max m and sum d = sum exp(x - m).
 template <typename T>
@@ -84,12 +98,27 @@ FD_HD OnlineLse<T> lse_merge(OnlineLse<T> a, T block_m, T block_d) {
 template <typename T>
 FD_HD T lse_value(OnlineLse<T> a) { return a.m + fd_log(a.d); }
 
-// The row's KL from the one-pass statistics: weighted = sum p_unnorm * (t - s) / T (relative to
-// the teacher's max), teacher/student the online states. KL >= 0 in exact math; the one-pass form
-// can come out a few ulp below 0 when p ~= q, so clamp (NaN compares false and passes through).
+// The teacher's running state: online (m, d) plus the p-weighted sum w, relative to the same m.
 template <typename T>
-FD_HD T kd_row_loss(T weighted, OnlineLse<T> teacher, OnlineLse<T> student) {
-  const T kl = weighted / teacher.d - lse_value(teacher) + lse_value(student);
+struct KdTeacher {
+  T m;
+  T d;
+  T w;
+};
+
+template <typename T>
+FD_HD KdTeacher<T> kd_teacher_merge(KdTeacher<T> a, T block_m, T block_d, T block_w) {
+  const T m = fd_max(a.m, block_m);
+  if (m == -INFINITY) return {m, T(0), T(0)};
+  const T ca = fd_exp(a.m - m), cb = fd_exp(block_m - m);
+  return {m, a.d * ca + block_d * cb, a.w * ca + block_w * cb};
+}
+
+// The row's KL from the one-pass statistics. KL >= 0 in exact math; the one-pass form can come out a
+// few ulp below 0 when p ~= q, so clamp (NaN compares false and passes through).
+template <typename T>
+FD_HD T kd_row_loss(KdTeacher<T> teacher, OnlineLse<T> student) {
+  const T kl = teacher.w / teacher.d - (teacher.m + fd_log(teacher.d)) + lse_value(student);
   return kl < T(0) ? T(0) : kl;
 }
 

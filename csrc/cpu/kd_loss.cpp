@@ -1,11 +1,15 @@
-// CPU kernels for fastdistil::_kd_loss_{fwd,bwd}_cpu.
+// CPU kernels for fastdistil::_kd_loss_fwd_cpu and fastdistil::_kd_loss_bwd_cpu.
 // Spec: kd_loss_fwd_ref / kd_loss_bwd_ref in fastdistil/ops/kd_loss.py; per-row math in
 // csrc/common/fd_math.h (shared with csrc/cuda/kd_loss.cu); tests in tests/ops/test_kd_loss.py.
 //
-// Forward: ONE pass over each row (online log-sum-exp of s/T and t/T plus the p-weighted
-// (t - s)/T sum), rows in parallel. Backward: one pass per row from the saved log-sum-exps,
-// writing the gradient. Memory traffic per row: fwd reads s, t; bwd reads s, t and writes ds.
-// No (N, V) temporary besides the gradient itself.
+// Forward, per row, rows in parallel:
+//   pass 1 (reads s and t from memory once): per block of kBlock logits, the block maxima, then
+//     e_s = exp(s/T - max_s) and e_t = exp(t/T - max_t), merged into online log-sum-exps and the
+//     p-weighted (t - s)/T sum that gives the KL. With a gradient requested, e_s and e_t are kept in a
+//     per-thread row buffer (2 x V floats: 244 KB for BERT's vocabulary, L2-resident).
+//   pass 2 (only with a gradient): d KL / d s = (q - p)/T = e_s * c_s - e_t * c_t with per-block
+//     scalars c = exp(max - lse)/T, written once. Two exps per logit in all, one read of each input.
+// Backward: scales each gradient row by grad_loss[i], in place (no second (N, V) buffer).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,8 +17,10 @@
 
 #include <cmath>
 #include <tuple>
+#include <vector>
 
 #include "../checks.h"
+#include "alloc.h"
 #include "vec.h"
 
 namespace fastdistil {
@@ -23,106 +29,98 @@ namespace {
 // Grain for at::parallel_for over rows: enough elements per task to amortise scheduling.
 inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
 
-// One row, fp32 math on fp32/bf16/fp16 data.
-template <typename scalar_t>
-void kd_fwd_row(const scalar_t* s_row, const scalar_t* t_row, int64_t V, float inv_temperature,
-                float* loss, float* s_lse, float* t_lse) {
+// One row, fp32 math on fp32/bf16/fp16 data. kWithGrad: also write (q - p)/T to g_row, using the row
+// buffers es/et (>= V floats each) and the per-block references ref_s/ref_t (>= ceil(V / kBlock)).
+template <bool kWithGrad, typename scalar_t>
+float kd_row(const scalar_t* s_row, const scalar_t* t_row, scalar_t* g_row, int64_t V, float inv_temperature,
+             float* es, float* et, float* ref_s, float* ref_t) {
   alignas(64) float s_buf[kBlock];
   alignas(64) float t_buf[kBlock];
   const Vec v_inv_t(inv_temperature), v_neg_inf(-INFINITY), v_zero(0.f);
-  OnlineLse<float> student{-INFINITY, 0.f}, teacher{-INFINITY, 0.f};
-  float weighted = 0.f;  // sum exp(t/T - teacher.m) * (t - s)/T, rescaled whenever teacher.m grows
-  for (int64_t start = 0; start < V; start += kBlock) {
+  OnlineLse<float> student{-INFINITY, 0.f};
+  KdTeacher<float> teacher{-INFINITY, 0.f, 0.f};
+  for (int64_t start = 0, b = 0; start < V; start += kBlock, ++b) {
     const int64_t n = std::min(kBlock, V - start);
     const float* s = as_float_block(s_row + start, n, s_buf);
     const float* t = as_float_block(t_row + start, n, t_buf);
-    // Block maxima first (cheap, data in L1), so each element needs one exp per tensor.
+    // Block maxima first (cheap, the block is in L1), so each logit needs exactly one exp.
     const float bm_s = block_max(s, n) * inv_temperature;  // T > 0: max(x / T) = max(x) / T
-    const float m_t = fd_max(teacher.m, block_max(t, n) * inv_temperature);
-
-    if (bm_s != -INFINITY) {
-      const Vec v_m(bm_s);
-      Vec acc(0.f);
-      int64_t i = 0;
-      for (; i + Vec::size() <= n; i += Vec::size()) acc += fd_exp(Vec::loadu(s + i) * v_inv_t - v_m);
-      float d = vec_sum(acc);
-      for (; i < n; ++i) d += fd_exp(s[i] * inv_temperature - bm_s);
-      student = lse_merge(student, bm_s, d);
-    }
-    if (m_t != -INFINITY) {
-      const float rescale = fd_exp(teacher.m - m_t);  // 0 on the first finite block
-      const Vec v_m(m_t);
-      Vec acc_d(0.f), acc_w(0.f);
-      int64_t i = 0;
-      for (; i + Vec::size() <= n; i += Vec::size()) {
-        const Vec sv = Vec::loadu(s + i), tv = Vec::loadu(t + i);
-        const Vec e = fd_exp(tv * v_inv_t - v_m);
-        acc_d += e;
-        acc_w += kd_weighted_term(e, sv, tv, v_inv_t, v_neg_inf, v_zero);
-      }
-      float d = vec_sum(acc_d), w = vec_sum(acc_w);
-      for (; i < n; ++i) {
-        const float e = fd_exp(t[i] * inv_temperature - m_t);
-        d += e;
-        w += kd_weighted_term(e, s[i], t[i], inv_temperature, -INFINITY, 0.f);
-      }
-      teacher = {m_t, teacher.d * rescale + d};
-      weighted = weighted * rescale + w;
-    }
-  }
-  *loss = kd_row_loss(weighted, teacher, student);
-  *s_lse = lse_value(student);
-  *t_lse = lse_value(teacher);
-}
-
-// One row in float64 (for gradcheck): the same formulas, scalar.
-void kd_fwd_row(const double* s, const double* t, int64_t V, double inv_temperature, double* loss,
-                double* s_lse, double* t_lse) {
-  OnlineLse<double> student{-INFINITY, 0.0}, teacher{-INFINITY, 0.0};
-  double weighted = 0.0;
-  for (int64_t v = 0; v < V; ++v) {
-    const double sv = s[v] * inv_temperature, tv = t[v] * inv_temperature;
-    student = lse_merge(student, sv, 1.0);
-    const double m_t = fd_max(teacher.m, tv);
-    if (m_t == -INFINITY) continue;
-    const double rescale = fd_exp(teacher.m - m_t);
-    const double e = fd_exp(tv - m_t);
-    teacher = {m_t, teacher.d * rescale + e};
-    weighted = weighted * rescale + kd_weighted_term(e, s[v], t[v], inv_temperature, -(double)INFINITY, 0.0);
-  }
-  *loss = kd_row_loss(weighted, teacher, student);
-  *s_lse = lse_value(student);
-  *t_lse = lse_value(teacher);
-}
-
-template <typename scalar_t>
-void kd_bwd_row(const scalar_t* s_row, const scalar_t* t_row, scalar_t* g_row, int64_t V, float inv_temperature,
-                float lse_s, float lse_t, float scale) {
-  alignas(64) float s_buf[kBlock];
-  alignas(64) float t_buf[kBlock];
-  alignas(64) float g_buf[kBlock];
-  const Vec v_inv_t(inv_temperature), v_lse_s(lse_s), v_lse_t(lse_t), v_scale(scale);
-  for (int64_t start = 0; start < V; start += kBlock) {
-    const int64_t n = std::min(kBlock, V - start);
-    const float* s = as_float_block(s_row + start, n, s_buf);
-    const float* t = as_float_block(t_row + start, n, t_buf);
-    float* g = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(g_row + start) : g_buf;
+    const float bm_t = block_max(t, n) * inv_temperature;
+    const float rs = exp_ref(bm_s), rt = exp_ref(bm_t);
+    const Vec v_rs(rs), v_rt(rt);
+    Vec acc_s(0.f), acc_t(0.f), acc_w(0.f);
     int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size())
-      kd_grad(Vec::loadu(s + i), Vec::loadu(t + i), v_inv_t, v_lse_s, v_lse_t, v_scale).store(g + i);
-    for (; i < n; ++i) g[i] = kd_grad(s[i], t[i], inv_temperature, lse_s, lse_t, scale);
-    store_block(g, n, g_row + start);
+    for (; i + Vec::size() <= n; i += Vec::size()) {
+      const Vec sv = Vec::loadu(s + i), tv = Vec::loadu(t + i);
+      const Vec e_s = fd_exp(sv * v_inv_t - v_rs), e_t = fd_exp(tv * v_inv_t - v_rt);
+      acc_s += e_s;
+      acc_t += e_t;
+      acc_w += kd_weighted_term(e_t, sv, tv, v_inv_t, v_neg_inf, v_zero);
+      if constexpr (kWithGrad) {
+        e_s.store(es + start + i);
+        e_t.store(et + start + i);
+      }
+    }
+    float ds = vec_sum(acc_s), dt = vec_sum(acc_t), w = vec_sum(acc_w);
+    for (; i < n; ++i) {
+      const float e_s = fd_exp(s[i] * inv_temperature - rs), e_t = fd_exp(t[i] * inv_temperature - rt);
+      ds += e_s;
+      dt += e_t;
+      w += kd_weighted_term(e_t, s[i], t[i], inv_temperature, -INFINITY, 0.f);
+      if constexpr (kWithGrad) {
+        es[start + i] = e_s;
+        et[start + i] = e_t;
+      }
+    }
+    student = lse_merge(student, rs, ds);
+    teacher = kd_teacher_merge(teacher, rt, dt, w);
+    if constexpr (kWithGrad) {
+      ref_s[b] = rs;
+      ref_t[b] = rt;
+    }
   }
+  if constexpr (kWithGrad) {
+    const float lse_s = lse_value(student), lse_t = teacher.m + fd_log(teacher.d);
+    alignas(64) float g_buf[kBlock];
+    for (int64_t start = 0, b = 0; start < V; start += kBlock, ++b) {
+      const int64_t n = std::min(kBlock, V - start);
+      const float c_s = kd_coef(ref_s[b], lse_s, inv_temperature), c_t = kd_coef(ref_t[b], lse_t, inv_temperature);
+      const Vec v_cs(c_s), v_ct(c_t);
+      float* g = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(g_row + start) : g_buf;
+      int64_t i = 0;
+      for (; i + Vec::size() <= n; i += Vec::size())
+        kd_grad_from_exp(Vec::loadu(es + start + i), Vec::loadu(et + start + i), v_cs, v_ct).store(g + i);
+      for (; i < n; ++i) g[i] = kd_grad_from_exp(es[start + i], et[start + i], c_s, c_t);
+      store_block(g, n, g_row + start);
+    }
+  }
+  return kd_row_loss(teacher, student);
 }
 
-void kd_bwd_row(const double* s, const double* t, double* g, int64_t V, double inv_temperature, double lse_s,
-                double lse_t, double scale) {
-  for (int64_t v = 0; v < V; ++v) g[v] = kd_grad(s[v], t[v], inv_temperature, lse_s, lse_t, scale);
+// One row in float64 (gradcheck runs the C++ kernel through this): the same formulas, scalar.
+// (A template only so that every AT_DISPATCH branch compiles; it is called for double.)
+template <typename scalar_t>
+double kd_row_f64(const scalar_t* s, const scalar_t* t, scalar_t* g, int64_t V, double inv_temperature) {
+  OnlineLse<double> student{-INFINITY, 0.0};
+  KdTeacher<double> teacher{-INFINITY, 0.0, 0.0};
+  for (int64_t v = 0; v < V; ++v) {
+    const double sv = double(s[v]), tv = double(t[v]);
+    const double rs = exp_ref(sv * inv_temperature), rt = exp_ref(tv * inv_temperature);
+    const double e_s = fd_exp(sv * inv_temperature - rs), e_t = fd_exp(tv * inv_temperature - rt);
+    student = lse_merge(student, rs, e_s);
+    teacher = kd_teacher_merge(teacher, rt, e_t, kd_weighted_term(e_t, sv, tv, inv_temperature, -(double)INFINITY, 0.0));
+  }
+  if (g != nullptr) {
+    const double lse_s = lse_value(student), lse_t = teacher.m + fd_log(teacher.d);
+    for (int64_t v = 0; v < V; ++v)
+      g[v] = scalar_t(kd_grad(double(s[v]), double(t[v]), inv_temperature, lse_s, lse_t, inv_temperature));
+  }
+  return kd_row_loss(teacher, student);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_logits,
-                                                               const at::Tensor& teacher_logits, double temperature,
-                                                               const std::optional<at::Tensor>& row_mask) {
+std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                                                   double temperature, const std::optional<at::Tensor>& row_mask,
+                                                   bool with_grad) {
   FD_CHECK_2D(student_logits);
   FD_CHECK_SAME_SHAPE(student_logits, teacher_logits);
   FD_CHECK_SAME_DTYPE(student_logits, teacher_logits);
@@ -132,70 +130,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor&
   const int64_t N = s.size(0), V = s.size(1);
   const at::Tensor mask = checked_row_mask(row_mask, N);
   const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  // fp32 statistics for fp32/bf16/fp16 inputs, fp64 for fp64 (gradcheck).
-  const auto acc = s.options().dtype(at::toOpMathType(s.scalar_type()));
-  at::Tensor loss = at::empty({N}, acc), s_lse = at::empty({N}, acc), t_lse = at::empty({N}, acc);
+  // fp32 loss for fp32/bf16/fp16 inputs, fp64 for fp64 (gradcheck).
+  at::Tensor loss = at::empty({N}, s.options().dtype(at::toOpMathType(s.scalar_type())));
+  at::Tensor grad = with_grad ? empty_for_output(s) : at::empty({0}, s.options());
+  const int64_t n_blocks = (V + kBlock - 1) / kBlock;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "kd_loss_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* s_ptr = s.data_ptr<scalar_t>();
     const scalar_t* t_ptr = t.data_ptr<scalar_t>();
+    scalar_t* grad_ptr = with_grad ? grad.data_ptr<scalar_t>() : nullptr;
     acc_t* loss_ptr = loss.data_ptr<acc_t>();
-    acc_t* s_lse_ptr = s_lse.data_ptr<acc_t>();
-    acc_t* t_lse_ptr = t_lse.data_ptr<acc_t>();
     const acc_t inv_temperature = acc_t(1.0 / temperature);
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      // Per-task row buffers for the exponentials kept between the two passes.
+      std::vector<float> buf(with_grad ? 2 * (V + n_blocks) : 0);
+      float* es = buf.data();
+      float* et = es + V;
+      float* ref_s = et + V;
+      float* ref_t = ref_s + n_blocks;
       for (int64_t i = begin; i < end; ++i) {
-        if (mask_ptr && !mask_ptr[i]) {  // unselected rows are never read
-          loss_ptr[i] = s_lse_ptr[i] = t_lse_ptr[i] = acc_t(0);
+        scalar_t* g_row = with_grad ? grad_ptr + i * V : nullptr;
+        if (mask_ptr && !mask_ptr[i]) {  // unselected rows are never read; exact zero gradient
+          loss_ptr[i] = acc_t(0);
+          if (with_grad) std::fill(g_row, g_row + V, scalar_t(0));
           continue;
         }
-        kd_fwd_row(s_ptr + i * V, t_ptr + i * V, V, inv_temperature, loss_ptr + i, s_lse_ptr + i, t_lse_ptr + i);
+        const scalar_t* s_row = s_ptr + i * V;
+        const scalar_t* t_row = t_ptr + i * V;
+        if constexpr (std::is_same_v<scalar_t, double>) {
+          loss_ptr[i] = kd_row_f64(s_row, t_row, g_row, V, inv_temperature);
+        } else if (with_grad) {
+          loss_ptr[i] = kd_row<true>(s_row, t_row, g_row, V, inv_temperature, es, et, ref_s, ref_t);
+        } else {
+          loss_ptr[i] = kd_row<false>(s_row, t_row, g_row, V, inv_temperature, es, et, ref_s, ref_t);
+        }
       }
     });
   });
-  return {loss, s_lse, t_lse};
+  return {loss, grad};
 }
 
-at::Tensor kd_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student_logits,
-                           const at::Tensor& teacher_logits, const at::Tensor& student_lse,
-                           const at::Tensor& teacher_lse, double temperature, const std::optional<at::Tensor>& row_mask) {
-  FD_CHECK_2D(student_logits);
-  FD_CHECK_SAME_SHAPE(student_logits, teacher_logits);
-  FD_CHECK_SAME_DTYPE(student_logits, teacher_logits);
-  const at::Tensor s = student_logits.contiguous(), t = teacher_logits.contiguous();
-  const int64_t N = s.size(0), V = s.size(1);
-  const auto acc_type = at::toOpMathType(s.scalar_type());
-  const at::Tensor g = grad_loss.to(acc_type).contiguous(), ls = student_lse.to(acc_type).contiguous(),
-                   lt = teacher_lse.to(acc_type).contiguous();
-  TORCH_CHECK(g.numel() == N && ls.numel() == N && lt.numel() == N, "grad_loss and lse tensors must have ", N,
-              " elements");
-  const at::Tensor mask = checked_row_mask(row_mask, N);
-  const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  at::Tensor grad = at::empty_like(s);
+// grad_logits[i, :] *= grad_loss[i], in place.
+void kd_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& grad_logits) {
+  FD_CHECK_2D(grad_logits);
+  TORCH_CHECK(grad_logits.is_contiguous(), "grad_logits must be contiguous");
+  const int64_t N = grad_logits.size(0), V = grad_logits.size(1);
+  const at::Tensor g = grad_loss.to(at::toOpMathType(grad_logits.scalar_type())).contiguous();
+  TORCH_CHECK(g.numel() == N, "grad_loss must have ", N, " elements, got ", g.numel());
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "kd_loss_bwd_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_logits.scalar_type(), "kd_loss_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* s_ptr = s.data_ptr<scalar_t>();
-    const scalar_t* t_ptr = t.data_ptr<scalar_t>();
-    scalar_t* grad_ptr = grad.data_ptr<scalar_t>();
+    scalar_t* grad_ptr = grad_logits.data_ptr<scalar_t>();
     const acc_t* g_ptr = g.data_ptr<acc_t>();
-    const acc_t* ls_ptr = ls.data_ptr<acc_t>();
-    const acc_t* lt_ptr = lt.data_ptr<acc_t>();
-    const acc_t inv_temperature = acc_t(1.0 / temperature);
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      alignas(64) float buf[kBlock];
       for (int64_t i = begin; i < end; ++i) {
-        scalar_t* out = grad_ptr + i * V;
-        if (mask_ptr && !mask_ptr[i]) {  // exact zeros, even where the unselected row holds NaN
-          std::fill(out, out + V, scalar_t(0));
-          continue;
+        const acc_t scale = g_ptr[i];
+        if (scale == acc_t(1)) continue;  // e.g. reduction="sum" with unit weight: nothing to do
+        scalar_t* row = grad_ptr + i * V;
+        if constexpr (std::is_same_v<scalar_t, double>) {
+          for (int64_t v = 0; v < V; ++v) row[v] *= scale;
+        } else {
+          const Vec v_scale(scale);
+          for (int64_t start = 0; start < V; start += kBlock) {
+            const int64_t n = std::min(kBlock, V - start);
+            float* x = const_cast<float*>(as_float_block(row + start, n, buf));
+            int64_t j = 0;
+            for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * v_scale).store(x + j);
+            for (; j < n; ++j) x[j] *= scale;
+            store_block(x, n, row + start);
+          }
         }
-        kd_bwd_row(s_ptr + i * V, t_ptr + i * V, out, V, inv_temperature, ls_ptr[i], lt_ptr[i],
-                   g_ptr[i] * inv_temperature);
       }
     });
   });
-  return grad;
 }
 
 }  // namespace

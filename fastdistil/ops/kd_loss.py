@@ -4,6 +4,9 @@
     p = softmax(teacher_logits / T),  q = softmax(student_logits / T)    # (N, V), never materialised
     d loss[i] / d student_logits[i, v] = T * (q[i, v] - p[i, v])         (= T^2 * (q - p) / T)
 
+The forward computes the per-row KL and, when the student needs a gradient, (q - p) / T in the same
+sweep; the backward scales that buffer in place. See section 1.
+
 Where each piece lives:
     reference (the spec) ...... kd_loss_fwd_ref / kd_loss_bwd_ref / kd_loss_ref below
     C++, cpu .................. csrc/cpu/kd_loss.cpp   -> torch.ops.fastdistil._kd_loss_{fwd,bwd}_cpu
@@ -30,37 +33,42 @@ except ImportError:
 
 # -----------------------------------------------------------------------------
 # 1. Reference. Plain PyTorch. Tests, benchmarks and the no-_C fallback import these.
+#
+# The op is split so that the forward does all the work: fastdistil::kd_loss_fwd returns the per-row
+# KL and, when asked (with_grad, i.e. the student needs a gradient), d KL / d student_logits in the same
+# sweep over the logits; fastdistil::kd_loss_bwd only scales that buffer by grad_loss, IN PLACE, so a
+# training step holds one (N, V) buffer, never two, and reads the logits once.
 
 
-def kd_loss_fwd_ref(student_logits, teacher_logits, temperature, row_mask=None, compute_dtype=None):
-    """Same outputs as fastdistil::kd_loss_fwd: (loss, student_lse, teacher_lse), each (N,), all 0 on
-    rows where row_mask is False. loss is KL(p || q) without the T^2 factor.
+def kd_loss_fwd_ref(student_logits, teacher_logits, temperature, row_mask=None, with_grad=False, compute_dtype=None):
+    """Same outputs as fastdistil::kd_loss_fwd: (loss (N,), grad (N, V) or (0,)).
 
+    loss[i] = KL(p_i || q_i) without the T^2 factor, 0 where row_mask is False.
+    grad = (q - p) / T in student_logits.dtype (0 on unselected rows) when with_grad, else an empty tensor.
     compute_dtype=None: fp32 math (fp64 for fp64 inputs), the op's output dtypes. Tests pass
     torch.float64 for the oracle and the input dtype for "what PyTorch gets in low precision".
     """
     acc = compute_dtype or torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(acc) / temperature
     t = teacher_logits.to(acc) / temperature
-    s_lse, t_lse = s.logsumexp(-1), t.logsumexp(-1)  # (N,), (N,)
-    log_q, log_p = s - s_lse[:, None], t - t_lse[:, None]  # (N, V)
+    log_q, log_p = s.log_softmax(-1), t.log_softmax(-1)  # (N, V)
     p = log_p.exp()
     # p == 0 (teacher logit -inf) contributes 0: where() keeps -inf - -inf = NaN out of value and gradient.
     loss = (torch.where(p > 0, log_p - log_q, 0.0) * p).sum(-1)
     if row_mask is not None:
-        loss, s_lse, t_lse = (torch.where(row_mask, x, 0.0) for x in (loss, s_lse, t_lse))
-    return loss, s_lse, t_lse
-
-
-def kd_loss_bwd_ref(grad_loss, student_logits, teacher_logits, student_lse, teacher_lse, temperature, row_mask=None):
-    """d (sum_i grad_loss[i] * loss[i]) / d student_logits, (N, V), in student_logits.dtype."""
-    acc = torch.promote_types(student_logits.dtype, torch.float32)
-    q = (student_logits.to(acc) / temperature - student_lse.to(acc)[:, None]).exp()
-    p = (teacher_logits.to(acc) / temperature - teacher_lse.to(acc)[:, None]).exp()
-    grad = grad_loss.to(acc)[:, None] / temperature * (q - p)
+        loss = torch.where(row_mask, loss, 0.0)
+    if not with_grad:
+        return loss, student_logits.new_empty((0,))
+    grad = (log_q.exp() - p) / temperature
     if row_mask is not None:
         grad = torch.where(row_mask[:, None], grad, 0.0)
-    return grad.to(student_logits.dtype)
+    return loss, grad.to(student_logits.dtype)
+
+
+def kd_loss_bwd_ref(grad_loss, grad_logits):
+    """grad_logits[i, :] *= grad_loss[i], in place (fp32 math)."""
+    acc = torch.promote_types(grad_logits.dtype, torch.float32)
+    grad_logits.copy_(grad_logits.to(acc) * grad_loss.to(acc)[:, None])
 
 
 def kd_loss_ref(student_logits, teacher_logits, temperature=2.0, mask=None, reduction="batchmean", scale_t2=True):
@@ -89,11 +97,11 @@ def kd_loss_ref(student_logits, teacher_logits, temperature=2.0, mask=None, redu
 # 2. Schemas: the public ops, and one private op per native kernel with the same signature.
 #    C++ only implements these names (TORCH_LIBRARY_IMPL); the dispatcher checks its signatures.
 
-FWD_SCHEMA = "(Tensor student_logits, Tensor teacher_logits, float temperature, Tensor? row_mask=None) -> (Tensor, Tensor, Tensor)"
-BWD_SCHEMA = (
-    "(Tensor grad_loss, Tensor student_logits, Tensor teacher_logits, Tensor student_lse, Tensor teacher_lse, "
-    "float temperature, Tensor? row_mask=None) -> Tensor"
+FWD_SCHEMA = (
+    "(Tensor student_logits, Tensor teacher_logits, float temperature, Tensor? row_mask=None, "
+    "bool with_grad=False) -> (Tensor, Tensor)"
 )
+BWD_SCHEMA = "(Tensor grad_loss, Tensor(a!) grad_logits) -> ()"  # mutates grad_logits in place
 for _name in ("kd_loss_fwd", "_kd_loss_fwd_cpu", "_kd_loss_fwd_cuda"):
     torch.library.define(f"fastdistil::{_name}", FWD_SCHEMA)
 for _name in ("kd_loss_bwd", "_kd_loss_bwd_cpu", "_kd_loss_bwd_cuda"):
@@ -104,16 +112,17 @@ for _name in ("kd_loss_bwd", "_kd_loss_bwd_cpu", "_kd_loss_bwd_cuda"):
 # 3. Fakes: output metadata without computing, for torch.compile and opcheck.
 
 
-def _fwd_fake(student_logits, teacher_logits, temperature, row_mask=None):
+def _fwd_fake(student_logits, teacher_logits, temperature, row_mask=None, with_grad=False):
     torch._check(student_logits.shape == teacher_logits.shape, lambda: "student/teacher shapes differ")
     torch._check(student_logits.dim() == 2, lambda: "expected (N, V) logits")
     acc = torch.promote_types(student_logits.dtype, torch.float32)
-    n = student_logits.shape[0]
-    return tuple(student_logits.new_empty((n,), dtype=acc) for _ in range(3))
+    loss = student_logits.new_empty((student_logits.shape[0],), dtype=acc)
+    grad = student_logits.new_empty(student_logits.shape if with_grad else (0,))
+    return loss, grad
 
 
-def _bwd_fake(grad_loss, student_logits, teacher_logits, student_lse, teacher_lse, temperature, row_mask=None):
-    return torch.empty_like(student_logits, memory_format=torch.contiguous_format)
+def _bwd_fake(grad_loss, grad_logits):
+    return None
 
 
 for _name in ("kd_loss_fwd", "_kd_loss_fwd_cpu", "_kd_loss_fwd_cuda"):
@@ -123,23 +132,41 @@ for _name in ("kd_loss_bwd", "_kd_loss_bwd_cpu", "_kd_loss_bwd_cuda"):
 
 
 # -----------------------------------------------------------------------------
-# 4. Autograd on the public forward op; the backward is itself a custom op (any device, compile).
+# 4. Autograd on the public forward op. The forward already computed d loss / d student_logits; the
+#    backward scales that buffer by grad_loss IN PLACE in eager mode (no second (N, V) buffer). A second
+#    backward through the same graph (retain_graph=True) therefore raises autograd's "modified by an
+#    inplace operation" error instead of returning a wrong gradient. Under tracing (torch.compile,
+#    opcheck's AOT checks), where mutating a saved forward output is not supported, it scales out of
+#    place and the compiler plans the memory.
 
 
 def _setup_context(ctx, inputs, output):
-    student_logits, teacher_logits, temperature, row_mask = inputs
-    _, student_lse, teacher_lse = output
-    ctx.save_for_backward(student_logits, teacher_logits, student_lse, teacher_lse, row_mask)
-    ctx.temperature = temperature
+    ctx.with_grad = inputs[4]
+    ctx.save_for_backward(output[1])
+    # The gradient buffer output is auxiliary: never materialise a (N, V) zero tensor for its gradient.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, _grad_student_lse, _grad_teacher_lse):
-    # The lse outputs are auxiliary (saved for backward); their gradients are ignored.
-    student_logits, teacher_logits, student_lse, teacher_lse, row_mask = ctx.saved_tensors
-    grad = torch.ops.fastdistil.kd_loss_bwd(
-        grad_loss, student_logits, teacher_logits, student_lse, teacher_lse, ctx.temperature, row_mask
-    )
-    return grad, None, None, None  # the teacher is a constant: kd_loss() detaches it
+def _is_eager(t: Tensor) -> bool:
+    return type(t) is Tensor and torch._C._len_torch_dispatch_stack() == 0
+
+
+def _backward(ctx, grad_loss, _grad_of_grad_output):
+    if not ctx.with_grad:
+        raise RuntimeError(
+            "fastdistil::kd_loss_fwd was called with with_grad=False, so it cannot backpropagate; "
+            "use fastdistil.ops.kd_loss(), which sets it"
+        )
+    (grad_logits,) = ctx.saved_tensors
+    if _is_eager(grad_logits):
+        torch.ops.fastdistil.kd_loss_bwd(grad_loss, grad_logits)
+        # The dispatcher does not bump version counters for ops defined with torch.library.define: do it,
+        # so that reusing this saved buffer (a second backward) fails loudly.
+        torch.autograd.graph.increment_version(grad_logits)
+    else:
+        acc = torch.promote_types(grad_logits.dtype, torch.float32)
+        grad_logits = (grad_logits.to(acc) * grad_loss.to(acc)[:, None]).to(grad_logits.dtype)
+    return grad_logits, None, None, None, None  # the teacher is a constant: kd_loss() detaches it
 
 
 torch.library.register_autograd("fastdistil::kd_loss_fwd", _backward, setup_context=_setup_context)
@@ -176,8 +203,9 @@ def kd_loss(
     check_mask(mask, leading, student_logits.device, "the logits")
     V = student_logits.shape[-1]
     row_mask = None if mask is None else mask.reshape(-1)
-    loss, _, _ = torch.ops.fastdistil.kd_loss_fwd(
-        student_logits.reshape(-1, V), teacher_logits.detach().reshape(-1, V), temperature, row_mask
+    with_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    loss, _ = torch.ops.fastdistil.kd_loss_fwd(
+        student_logits.reshape(-1, V), teacher_logits.detach().reshape(-1, V), temperature, row_mask, with_grad
     )
     if scale_t2:
         loss = loss * (temperature * temperature)

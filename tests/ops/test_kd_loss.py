@@ -9,7 +9,7 @@ import torch
 
 import fastdistil
 from fastdistil.ops import op_module
-from tests.conftest import DEVICES, HAS_CUDA, IMPL_DEVICE, assert_close_3way, available
+from tests.conftest import DEVICES, HAS_CUDA, IMPL_DEVICE, assert_close_3way, available, output_rounding_slack
 
 K = op_module("kd_loss")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -27,25 +27,24 @@ def _logits(N, V, device, dtype, scale=4.0):
     return (scale * torch.randn(N, V, dtype=torch.float64)).to(device=device, dtype=dtype)  # spread like real logits
 
 
-def _check_fwd(impl, s, t, temperature, row_mask=None):
-    outs = K.FWD_IMPLS[impl](s, t, temperature, row_mask)
-    oracle = K.kd_loss_fwd_ref(s, t, temperature, row_mask, compute_dtype=torch.float64)
-    lowp = K.kd_loss_fwd_ref(s, t, temperature, row_mask, compute_dtype=s.dtype)
-    for out, ref, ref_lp, what in zip(outs, oracle, lowp, ("loss", "student_lse", "teacher_lse")):
-        assert out.dtype == torch.float32
-        assert_close_3way(out.cpu(), ref.cpu(), ref_lp.cpu(), what=f"{impl} {what}")
-
-
-def _check_bwd(impl, s, t, temperature, row_mask=None):
-    N = s.shape[0]
-    grad_loss = torch.rand(N, dtype=torch.float64, device=s.device) * 3 + 0.5  # != 1, per row
-    _, ls64, lt64 = K.kd_loss_fwd_ref(s, t, temperature, row_mask, compute_dtype=torch.float64)
-    oracle = K.kd_loss_bwd_ref(grad_loss, s.double(), t.double(), ls64, lt64, temperature, row_mask)
-    _, ls_lp, lt_lp = K.kd_loss_fwd_ref(s, t, temperature, row_mask, compute_dtype=s.dtype)
-    lowp = K.kd_loss_bwd_ref(grad_loss.to(s.dtype), s, t, ls_lp, lt_lp, temperature, row_mask)
-    out = K.BWD_IMPLS[impl](grad_loss.float(), s, t, ls64.float(), lt64.float(), temperature, row_mask)
-    assert out.dtype == s.dtype and out.shape == s.shape
-    assert_close_3way(out.cpu(), oracle.cpu(), lowp.cpu(), atol=1e-7, what=f"{impl} grad")
+def _check(impl, s, t, temperature, row_mask=None):
+    """Forward with and without the gradient, and the in-place backward scaling, against the reference."""
+    oracle_loss, oracle_grad = K.kd_loss_fwd_ref(s, t, temperature, row_mask, True, compute_dtype=torch.float64)
+    lowp_loss, lowp_grad = K.kd_loss_fwd_ref(s, t, temperature, row_mask, True, compute_dtype=s.dtype)
+    loss, empty = K.FWD_IMPLS[impl](s, t, temperature, row_mask, False)
+    assert loss.dtype == torch.float32 and empty.numel() == 0
+    assert_close_3way(loss.cpu(), oracle_loss.cpu(), lowp_loss.cpu(), what=f"{impl} loss")
+    loss_g, grad = K.FWD_IMPLS[impl](s, t, temperature, row_mask, True)
+    torch.testing.assert_close(loss_g, loss, rtol=0, atol=0)  # same loss whether or not the gradient is kept
+    assert grad.dtype == s.dtype and grad.shape == s.shape
+    slack = output_rounding_slack(impl, s.dtype)
+    assert_close_3way(grad.cpu(), oracle_grad.cpu(), lowp_grad.cpu(), atol=1e-7, rtol=1e-6 + slack, what=f"{impl} grad")
+    # Backward: scale rows in place by grad_loss != 1 (one row by exactly 1, which may be skipped).
+    grad_loss = torch.rand(s.shape[0], device=s.device) * 3 + 0.5
+    grad_loss[0] = 1.0
+    expected = (grad.double() * grad_loss.double()[:, None]).to(s.dtype)
+    K.BWD_IMPLS[impl](grad_loss, grad)
+    torch.testing.assert_close(grad, expected, rtol=torch.finfo(s.dtype).eps + slack, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,26 +53,17 @@ def _check_bwd(impl, s, t, temperature, row_mask=None):
 
 @pytest.mark.parametrize("impl", available(K.FWD_IMPLS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_fwd_matches_reference(impl, dtype):
+def test_matches_reference(impl, dtype):
     for N, V in _shapes(impl):
         s, t = (_logits(N, V, IMPL_DEVICE[impl], dtype) for _ in range(2))
-        _check_fwd(impl, s, t, 2.0)
-
-
-@pytest.mark.parametrize("impl", available(K.BWD_IMPLS))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bwd_matches_reference(impl, dtype):
-    for N, V in _shapes(impl):
-        s, t = (_logits(N, V, IMPL_DEVICE[impl], dtype) for _ in range(2))
-        _check_bwd(impl, s, t, 2.0)
+        _check(impl, s, t, 2.0)
 
 
 @pytest.mark.parametrize("impl", available(K.FWD_IMPLS))
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 def test_temperatures(impl, temperature):
     s, t = (_logits(6, 517, IMPL_DEVICE[impl], torch.float32) for _ in range(2))
-    _check_fwd(impl, s, t, temperature)
-    _check_bwd(impl, s, t, temperature)
+    _check(impl, s, t, temperature)
 
 
 @pytest.mark.parametrize("impl", available(K.FWD_IMPLS))
@@ -82,11 +72,9 @@ def test_row_mask_skips_rows_even_when_they_hold_nan(impl):
     s, t = (_logits(9, 301, device, torch.float32) for _ in range(2))
     row_mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1], dtype=torch.bool, device=device)
     s[~row_mask] = float("nan")  # padding rows are never read
-    _check_fwd(impl, s, t, 2.0, row_mask)
-    _check_bwd(impl, s, t, 2.0, row_mask)
-    loss, _, _ = K.FWD_IMPLS[impl](s, t, 2.0, row_mask)
+    _check(impl, s, t, 2.0, row_mask)
+    loss, grad = K.FWD_IMPLS[impl](s, t, 2.0, row_mask, True)
     assert torch.equal(loss[~row_mask].cpu(), torch.zeros(4))
-    grad = K.BWD_IMPLS[impl](torch.ones(9, device=device), s, t, loss, loss, 2.0, row_mask)
     assert torch.equal(grad[~row_mask].cpu(), torch.zeros(4, 301))
 
 
@@ -100,12 +88,11 @@ def test_neg_inf_logits(impl):
     t[:, ::3] = float("-inf")
     t[1, :200] = float("-inf")  # whole blocks of -inf at the start of a row
     s[1, :200] = float("-inf")
-    _check_fwd(impl, s, t, 2.0)
-    _check_bwd(impl, s, t, 2.0)
-    loss, _, _ = K.FWD_IMPLS[impl](s, t, 2.0, None)
-    assert torch.isfinite(loss).all()
+    _check(impl, s, t, 2.0)
+    loss, grad = K.FWD_IMPLS[impl](s, t, 2.0, None, True)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     s[2, 1] = float("-inf")  # teacher finite there: KL(p || q) = +inf
-    loss, _, _ = K.FWD_IMPLS[impl](s, t, 2.0, None)
+    loss, _ = K.FWD_IMPLS[impl](s, t, 2.0, None)
     assert loss[2].item() == math.inf and torch.isfinite(loss[[0, 1, 3]]).all()
 
 
@@ -113,11 +100,11 @@ def test_neg_inf_logits(impl):
 def test_kl_of_identical_rows_is_zero_and_kl_is_nonnegative(impl):
     device = IMPL_DEVICE[impl]
     x = _logits(5, 1000, device, torch.float32)
-    loss, _, _ = K.FWD_IMPLS[impl](x, x.clone(), 2.0, None)
+    loss, _ = K.FWD_IMPLS[impl](x, x.clone(), 2.0, None)
     assert loss.abs().max().item() <= 1e-6
     near = x + 1e-4 * torch.randn_like(x)  # tiny KL: where one-pass cancellation could go negative
     for s, t in ((x, near), (near, x), (_logits(5, 1000, device, torch.float32), x)):
-        loss, _, _ = K.FWD_IMPLS[impl](s, t, 2.0, None)
+        loss, _ = K.FWD_IMPLS[impl](s, t, 2.0, None)
         # The kernels clamp the one-pass form at 0; the unclamped fp32 reference may round a hair below.
         floor = -1e-6 if impl == "reference" else 0.0
         assert (loss >= floor).all(), loss
@@ -129,7 +116,7 @@ def test_nan_propagates(impl):
     s, t = (_logits(3, 100, device, torch.float32) for _ in range(2))
     s[0, 17] = float("nan")
     t[2, 99] = float("nan")
-    loss, _, _ = K.FWD_IMPLS[impl](s, t, 2.0, None)
+    loss, _ = K.FWD_IMPLS[impl](s, t, 2.0, None)
     assert torch.isnan(loss[0]) and torch.isnan(loss[2]) and torch.isfinite(loss[1])
 
 
@@ -214,14 +201,30 @@ def test_gradcheck_reference_fp64():
     assert torch.autograd.gradcheck(lambda s: K.kd_loss_ref(s, t, 2.0, mask), (s,))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck_public_op_fp64(device):
-    """The public op in float64 runs the CPU kernel's float64 path (on CPU): its gradient must be exact."""
-    s = torch.randn(3, 17, dtype=torch.float64, device=device, requires_grad=True)
-    t = torch.randn(3, 17, dtype=torch.float64, device=device)
-    mask = torch.tensor([True, False, True], device=device)
-    assert torch.autograd.gradcheck(lambda s: fastdistil.kd_loss(s, t, 2.0, mask), (s,))
-    assert torch.autograd.gradcheck(lambda s: fastdistil.kd_loss(s, t, 0.5, reduction="sum"), (s,))
+class _KernelOutOfPlace(torch.autograd.Function):
+    """One implementation's forward kernel with an out-of-place backward. gradcheck runs the backward of one
+    graph many times; the public op's backward scales its buffer in place and so allows only one."""
+
+    @staticmethod
+    def forward(ctx, s, t, temperature, row_mask, impl):
+        loss, grad = K.FWD_IMPLS[impl](s, t, temperature, row_mask, True)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss[:, None], None, None, None, None
+
+
+@pytest.mark.parametrize("impl", [p for p in available(K.FWD_IMPLS) if p.values[0] in ("reference", "cpu_cpp")])
+def test_gradcheck_kernel_fp64(impl):
+    """The kernel's float64 path: its gradient buffer must be the exact Jacobian of its loss."""
+    s = torch.randn(3, 17, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(3, 17, dtype=torch.float64)
+    mask = torch.tensor([True, False, True])
+    for temperature, row_mask in ((2.0, mask), (0.5, None)):
+        assert torch.autograd.gradcheck(lambda s: _KernelOutOfPlace.apply(s, t, temperature, row_mask, impl), (s,))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -230,11 +233,28 @@ def test_opcheck(device):
     t = torch.randn(4, 33, device=device)
     mask = torch.tensor([True, False, True, True], device=device)
     fwd = torch.ops.fastdistil.kd_loss_fwd.default
-    torch.library.opcheck(fwd, (s, t, 2.0, None))
-    torch.library.opcheck(fwd, (s, t, 0.5, mask))
-    torch.library.opcheck(fwd, (s.detach().bfloat16(), t.bfloat16(), 2.0, mask))
-    loss, ls, lt = fwd(s.detach(), t, 2.0, mask)
-    torch.library.opcheck(torch.ops.fastdistil.kd_loss_bwd.default, (torch.rand(4, device=device), s.detach(), t, ls, lt, 2.0, mask))
+    torch.library.opcheck(fwd, (s, t, 2.0, None, True))
+    torch.library.opcheck(fwd, (s, t, 0.5, mask, True))
+    torch.library.opcheck(fwd, (s.detach(), t, 2.0, mask, False))
+    torch.library.opcheck(fwd, (s.detach().bfloat16(), t.bfloat16(), 2.0, mask, True))
+    _, grad = fwd(s.detach(), t, 2.0, mask, True)
+    torch.library.opcheck(torch.ops.fastdistil.kd_loss_bwd.default, (torch.rand(4, device=device), grad))
+
+
+def test_backward_twice_raises_instead_of_returning_a_wrong_gradient():
+    s = torch.randn(3, 20, requires_grad=True)
+    loss = fastdistil.kd_loss(s, torch.randn(3, 20))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_no_gradient_buffer_without_grad():
+    s, t = torch.randn(3, 20, requires_grad=True), torch.randn(3, 20)
+    with torch.no_grad():
+        loss = fastdistil.kd_loss(s, t)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, K.kd_loss_ref(s.detach(), t))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,98 @@
+"""The architecture itself: one kernel per device for every public op, no silent default, no override
+warnings at import, a loud fallback when the native extension is missing, and a torch-version guard."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdistil
+from fastdistil import backend
+from fastdistil.ops import OPS, op_module
+
+PUBLIC_OPS = sorted({op for op, _ in backend.KERNELS})
+
+
+def test_every_op_is_wired():
+    assert PUBLIC_OPS == sorted(f"fastdistil::{name}_{d}" for name in OPS for d in ("fwd", "bwd"))
+
+
+@pytest.mark.parametrize("op", PUBLIC_OPS)
+def test_one_kernel_per_device_and_no_silent_default(op):
+    for key in ("CPU", "CUDA"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), f"{op} has no {key} kernel"
+    for key in ("CompositeExplicitAutograd", "CompositeImplicitAutograd"):
+        assert not torch._C._dispatch_has_kernel_for_dispatch_key(op, key), f"{op} has a {key} kernel"
+
+
+def test_cpu_slot_runs_the_cpp_kernel_when_built():
+    if backend.NATIVE is None:
+        pytest.skip(f"native extension not loaded: {backend.NATIVE_PROBLEM}")
+    assert {impl for (_, device, impl) in backend.table() if device == "cpu"} == {"cpu_cpp"}
+
+
+def test_import_emits_no_warnings_and_no_kernel_override():
+    r = subprocess.run([sys.executable, "-W", "error", "-c", "import fastdistil"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Overriding a previously registered kernel" not in r.stderr
+
+
+def test_missing_native_extension_warns_once_and_falls_back_to_reference():
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastdistil\n"
+        "    from fastdistil.ops import op_module\n"
+        "    s, t = torch.randn(3, 50, requires_grad=True), torch.randn(3, 50)\n"
+        "    loss = fastdistil.kd_loss(s, t); loss.backward()\n"
+        "    ref = op_module('kd_loss').kd_loss_ref(s.detach(), t)\n"
+        "    torch.testing.assert_close(loss, ref)\n"
+        "    fastdistil.cosine_loss(s, t)\n"
+        "msgs = [str(x.message) for x in w if issubclass(x.category, fastdistil.backend.FallbackWarning)]\n"
+        "print(len(msgs)); print(msgs[0])\n"
+    )
+    env = dict(os.environ, FASTDISTIL_DISABLE_NATIVE="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    count, message = r.stdout.splitlines()[:2]
+    assert count == "1", r.stdout
+    assert "slow pure-PyTorch reference" in message
+
+
+def test_extension_built_for_another_torch_is_refused(tmp_path):
+    fake = tmp_path / "_C.so"
+    fake.write_bytes(b"\x7fELF junk " + backend._BUILD_TAG + b"1.0.0+cpu\0 more")
+    problem = backend.build_problem(str(fake))
+    assert problem and "built against torch 1.0.0+cpu" in problem and "rebuild" in problem
+    assert "not built" in backend.build_problem(None)
+    if backend.NATIVE is not None:
+        assert backend.build_problem(backend.NATIVE.__file__) is None
+        assert backend.NATIVE.torch_version == torch.__version__
+
+
+def test_cuda_impl_override_is_validated(monkeypatch):
+    table = op_module("kd_loss").FWD_IMPLS
+    monkeypatch.setenv("FASTDISTIL_CUDA_IMPL", "nonsense")
+    with pytest.raises(ValueError, match="not an implementation of kd_loss"):
+        backend.cuda_impl("kd_loss", table)
+    monkeypatch.setenv("FASTDISTIL_CUDA_IMPL", "reference")
+    assert backend.cuda_impl("kd_loss", table) == "reference"
+
+
+def test_backend_table_prints():
+    r = subprocess.run([sys.executable, "-m", "fastdistil.info"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for op in PUBLIC_OPS:
+        assert op in r.stdout
+    assert "fastdistil._C:" in r.stdout
+
+
+def test_triton_kernels_install_under_the_package():
+    pytest.importorskip("triton")
+    import fastdistil.kernels.kd_loss as k
+
+    assert k.__name__ == "fastdistil.kernels.kd_loss"
+    assert fastdistil.__file__  # the package itself imports from the same install
