@@ -13,6 +13,7 @@ an op's *_IMPLS table). A missing native kernel never falls back silently: it wa
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -111,10 +112,24 @@ def available_cuda_impls(op: str, impls: dict) -> list[str]:
     return names
 
 
+_forced_cuda_impl: str | None = None
+
+
+@contextlib.contextmanager
+def force_cuda_impl(name: str | None):
+    """Within the block, every op's CUDA slot runs `name` (like FASTDISTIL_CUDA_IMPL); for benchmarks and tests."""
+    global _forced_cuda_impl
+    previous, _forced_cuda_impl = _forced_cuda_impl, name
+    try:
+        yield
+    finally:
+        _forced_cuda_impl = previous
+
+
 def cuda_impl(op: str, impls: dict) -> str:
     """Name of the implementation for the CUDA slot, resolved at call time (so the env var works per run)."""
     available = available_cuda_impls(op, impls)
-    forced = os.environ.get("FASTDISTIL_CUDA_IMPL")
+    forced = _forced_cuda_impl or os.environ.get("FASTDISTIL_CUDA_IMPL")
     if forced:
         if forced not in impls:
             raise ValueError(f"FASTDISTIL_CUDA_IMPL={forced!r} is not an implementation of {op}: {sorted(impls)}")

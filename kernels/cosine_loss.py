@@ -37,7 +37,7 @@ def _cosine_loss_fwd_kernel(
 @triton.jit
 def _cosine_loss_bwd_kernel(
     grad_loss_ptr, s_ptr, t_ptr, stats_ptr, mask_ptr, gs_ptr, gt_ptr, stride_row, H,
-    HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_MASK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     keep = True
@@ -53,12 +53,12 @@ def _cosine_loss_bwd_kernel(
     g = tl.load(grad_loss_ptr + row)
     rinv = 1.0 / tl.sqrt((ss + 1e-12) * (tt + 1e-12))
     cos = dot * rinv
-    gs = g * (s * (cos / (ss + 1e-12)) - t * rinv)
-    gt = g * (t * (cos / (tt + 1e-12)) - s * rinv)
-    gs = tl.where(valid, gs, 0.0)  # exact zeros on unselected rows
-    gt = tl.where(valid, gt, 0.0)
-    tl.store(gs_ptr + row * stride_row + cols, gs.to(gs_ptr.dtype.element_ty), mask=cols < H)
-    tl.store(gt_ptr + row * stride_row + cols, gt.to(gt_ptr.dtype.element_ty), mask=cols < H)
+    if STUDENT_GRAD:
+        gs = tl.where(valid, g * (s * (cos / (ss + 1e-12)) - t * rinv), 0.0)  # exact zeros on unselected rows
+        tl.store(gs_ptr + row * stride_row + cols, gs.to(gs_ptr.dtype.element_ty), mask=cols < H)
+    if TEACHER_GRAD:
+        gt = tl.where(valid, g * (t * (cos / (tt + 1e-12)) - s * rinv), 0.0)
+        tl.store(gt_ptr + row * stride_row + cols, gt.to(gt_ptr.dtype.element_ty), mask=cols < H)
 
 
 def _mask_arg(row_mask, like):
@@ -90,16 +90,20 @@ def cosine_loss_fwd(student_hidden, teacher_hidden, row_mask=None):
     return loss, stats
 
 
-def cosine_loss_bwd(grad_loss, student_hidden, teacher_hidden, stats, row_mask=None):
-    """-> (grad wrt student_hidden, grad wrt teacher_hidden), each (N, H) in the inputs' dtype."""
+def cosine_loss_bwd(grad_loss, student_hidden, teacher_hidden, stats, row_mask=None, student_grad=True,
+                    teacher_grad=True):
+    """-> (grad wrt student_hidden, grad wrt teacher_hidden), each (N, H) in the inputs' dtype, or (0,)
+    for a side whose flag is False."""
     s, t = student_hidden.contiguous(), teacher_hidden.contiguous()
     N, H = s.shape
-    grad_s, grad_t = torch.empty_like(s), torch.empty_like(t)
+    grad_s = torch.empty_like(s) if student_grad else s.new_empty((0,))
+    grad_t = torch.empty_like(t) if teacher_grad else t.new_empty((0,))
     mask, has_mask = _mask_arg(row_mask, s)
     if N > 0:
         with _device_ctx(s):
             _cosine_loss_bwd_kernel[(N,)](
-                grad_loss.float().contiguous(), s, t, stats.float().contiguous(), mask, grad_s, grad_t,
-                s.stride(0), H, HAS_MASK=has_mask, BLOCK_H=_block_h(H),
+                grad_loss.float().contiguous(), s, t, stats.float().contiguous(), mask,
+                grad_s if student_grad else s, grad_t if teacher_grad else t, s.stride(0), H,
+                HAS_MASK=has_mask, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, BLOCK_H=_block_h(H),
             )
     return grad_s, grad_t

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "../checks.h"
+#include "alloc.h"
 #include "vec.h"
 
 namespace fastdistil {
@@ -122,7 +123,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_loss_fwd_cpu(const at::Tensor& student
 
 std::tuple<at::Tensor, at::Tensor> cosine_loss_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& student_hidden,
                                                        const at::Tensor& teacher_hidden, const at::Tensor& stats,
-                                                       const std::optional<at::Tensor>& row_mask) {
+                                                       const std::optional<at::Tensor>& row_mask, bool student_grad,
+                                                       bool teacher_grad) {
   FD_CHECK_2D(student_hidden);
   FD_CHECK_SAME_SHAPE(student_hidden, teacher_hidden);
   FD_CHECK_SAME_DTYPE(student_hidden, teacher_hidden);
@@ -133,27 +135,29 @@ std::tuple<at::Tensor, at::Tensor> cosine_loss_bwd_cpu(const at::Tensor& grad_lo
   TORCH_CHECK(g.numel() == N && st.numel() == 3 * N, "grad_loss must have ", N, " and stats ", 3 * N, " elements");
   const at::Tensor mask = checked_row_mask(row_mask, N);
   const bool* mask_ptr = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-  at::Tensor grad_s = at::empty_like(s), grad_t = at::empty_like(t);
+  // Only the sides that need a gradient get a buffer (the teacher's usually does not).
+  at::Tensor grad_s = student_grad ? empty_for_output(s) : at::empty({0}, s.options());
+  at::Tensor grad_t = teacher_grad ? empty_for_output(t) : at::empty({0}, t.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, s.scalar_type(), "cosine_loss_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* s_ptr = s.data_ptr<scalar_t>();
     const scalar_t* t_ptr = t.data_ptr<scalar_t>();
-    scalar_t* gs_ptr = grad_s.data_ptr<scalar_t>();
-    scalar_t* gt_ptr = grad_t.data_ptr<scalar_t>();
+    scalar_t* gs_ptr = student_grad ? grad_s.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gt_ptr = teacher_grad ? grad_t.data_ptr<scalar_t>() : nullptr;
     const acc_t* g_ptr = g.data_ptr<acc_t>();
     const acc_t* st_ptr = st.data_ptr<acc_t>();
     at::parallel_for(0, N, row_grain(H), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         if (mask_ptr && !mask_ptr[i]) {
-          std::fill(gs_ptr + i * H, gs_ptr + (i + 1) * H, scalar_t(0));
-          std::fill(gt_ptr + i * H, gt_ptr + (i + 1) * H, scalar_t(0));
+          if (gs_ptr) std::fill(gs_ptr + i * H, gs_ptr + (i + 1) * H, scalar_t(0));
+          if (gt_ptr) std::fill(gt_ptr + i * H, gt_ptr + (i + 1) * H, scalar_t(0));
           continue;
         }
         const acc_t* row = st_ptr + 3 * i;
         const CosineCoefs<acc_t> c = cosine_grad_coefs(row[0], row[1], row[2], g_ptr[i]);
-        cos_bwd_row(s_ptr + i * H, t_ptr + i * H, gs_ptr + i * H, H, c.self_a, c.other);
-        cos_bwd_row(t_ptr + i * H, s_ptr + i * H, gt_ptr + i * H, H, c.self_b, c.other);
+        if (gs_ptr) cos_bwd_row(s_ptr + i * H, t_ptr + i * H, gs_ptr + i * H, H, c.self_a, c.other);
+        if (gt_ptr) cos_bwd_row(t_ptr + i * H, s_ptr + i * H, gt_ptr + i * H, H, c.self_b, c.other);
       }
     });
   });

@@ -71,18 +71,16 @@ __global__ void cosine_loss_bwd_kernel(const acc_t* __restrict__ grad_loss, cons
   if (row >= N) return;
   const scalar_t* s_row = s_ptr + row * H;
   const scalar_t* t_row = t_ptr + row * H;
-  scalar_t* gs_row = gs_ptr + row * H;
-  scalar_t* gt_row = gt_ptr + row * H;
-  if (mask_ptr != nullptr && !mask_ptr[row]) {
-    for (int64_t i = lane; i < H; i += 32) gs_row[i] = gt_row[i] = scalar_t(0);
-    return;
-  }
+  scalar_t* gs_row = gs_ptr != nullptr ? gs_ptr + row * H : nullptr;  // null: that side needs no gradient
+  scalar_t* gt_row = gt_ptr != nullptr ? gt_ptr + row * H : nullptr;
+  const bool masked = mask_ptr != nullptr && !mask_ptr[row];
   const acc_t* st = stats_ptr + 3 * row;
-  const CosineCoefs<acc_t> c = cosine_grad_coefs(st[0], st[1], st[2], grad_loss[row]);
+  const CosineCoefs<acc_t> c = masked ? CosineCoefs<acc_t>{0, 0, 0} : cosine_grad_coefs(st[0], st[1], st[2], grad_loss[row]);
   for (int64_t i = lane; i < H; i += 32) {
-    const acc_t s = static_cast<acc_t>(s_row[i]), t = static_cast<acc_t>(t_row[i]);
-    gs_row[i] = static_cast<scalar_t>(cosine_grad(s, t, c.self_a, c.other));
-    gt_row[i] = static_cast<scalar_t>(cosine_grad(t, s, c.self_b, c.other));
+    const acc_t s = masked ? acc_t(0) : static_cast<acc_t>(s_row[i]);  // unselected rows are never read
+    const acc_t t = masked ? acc_t(0) : static_cast<acc_t>(t_row[i]);
+    if (gs_row != nullptr) gs_row[i] = static_cast<scalar_t>(cosine_grad(s, t, c.self_a, c.other));
+    if (gt_row != nullptr) gt_row[i] = static_cast<scalar_t>(cosine_grad(t, s, c.self_b, c.other));
   }
 }
 
@@ -114,7 +112,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_loss_fwd_cuda(const at::Tensor& studen
 
 std::tuple<at::Tensor, at::Tensor> cosine_loss_bwd_cuda(const at::Tensor& grad_loss, const at::Tensor& student_hidden,
                                                         const at::Tensor& teacher_hidden, const at::Tensor& stats,
-                                                        const std::optional<at::Tensor>& row_mask) {
+                                                        const std::optional<at::Tensor>& row_mask, bool student_grad,
+                                                        bool teacher_grad) {
   FD_CHECK_2D(student_hidden);
   FD_CHECK_SAME_SHAPE(student_hidden, teacher_hidden);
   const c10::cuda::CUDAGuard device_guard(student_hidden.device());
@@ -123,7 +122,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_loss_bwd_cuda(const at::Tensor& grad_l
   const auto acc_type = at::toOpMathType(s.scalar_type());
   const at::Tensor g = grad_loss.to(acc_type).contiguous(), st = stats.to(acc_type).contiguous();
   const at::Tensor mask = checked_row_mask(row_mask, N);
-  at::Tensor grad_s = at::empty_like(s), grad_t = at::empty_like(t);
+  at::Tensor grad_s = student_grad ? at::empty_like(s) : at::empty({0}, s.options());
+  at::Tensor grad_t = teacher_grad ? at::empty_like(t) : at::empty({0}, t.options());
   if (N == 0) return {grad_s, grad_t};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t blocks = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
@@ -131,8 +131,8 @@ std::tuple<at::Tensor, at::Tensor> cosine_loss_bwd_cuda(const at::Tensor& grad_l
     using acc_t = at::opmath_type<scalar_t>;
     cosine_loss_bwd_kernel<scalar_t, acc_t><<<blocks, 32 * kWarpsPerBlock, 0, stream>>>(
         g.data_ptr<acc_t>(), s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), st.data_ptr<acc_t>(),
-        mask.defined() ? mask.data_ptr<bool>() : nullptr, grad_s.data_ptr<scalar_t>(), grad_t.data_ptr<scalar_t>(),
-        N, H);
+        mask.defined() ? mask.data_ptr<bool>() : nullptr, student_grad ? grad_s.data_ptr<scalar_t>() : nullptr,
+        teacher_grad ? grad_t.data_ptr<scalar_t>() : nullptr, N, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {grad_s, grad_t};

@@ -46,8 +46,10 @@ def cosine_loss_fwd_ref(student_hidden, teacher_hidden, row_mask=None, compute_d
     return loss, stats
 
 
-def cosine_loss_bwd_ref(grad_loss, student_hidden, teacher_hidden, stats, row_mask=None):
-    """(d/d student_hidden, d/d teacher_hidden) of sum_i grad_loss[i] * loss[i], in the inputs' dtype."""
+def cosine_loss_bwd_ref(grad_loss, student_hidden, teacher_hidden, stats, row_mask=None, student_grad=True,
+                        teacher_grad=True):
+    """(d/d student_hidden, d/d teacher_hidden) of sum_i grad_loss[i] * loss[i], in the inputs' dtype; an
+    empty (0,) tensor for a side whose flag is False."""
     acc = torch.promote_types(student_hidden.dtype, torch.float32)
     s, t, st, g = student_hidden.to(acc), teacher_hidden.to(acc), stats.to(acc), grad_loss.to(acc)
     dot, ss, tt = st[:, 0:1], st[:, 1:2], st[:, 2:3]
@@ -57,7 +59,9 @@ def cosine_loss_bwd_ref(grad_loss, student_hidden, teacher_hidden, stats, row_ma
     grad_t = g[:, None] * (t * cos / (tt + EPS) - s * rinv)
     if row_mask is not None:
         grad_s, grad_t = (torch.where(row_mask[:, None], x, 0.0) for x in (grad_s, grad_t))
-    return grad_s.to(student_hidden.dtype), grad_t.to(teacher_hidden.dtype)
+    grad_s = grad_s.to(student_hidden.dtype) if student_grad else student_hidden.new_empty((0,))
+    grad_t = grad_t.to(teacher_hidden.dtype) if teacher_grad else teacher_hidden.new_empty((0,))
+    return grad_s, grad_t
 
 
 def cosine_loss_ref(student_hidden, teacher_hidden, mask=None):
@@ -79,8 +83,8 @@ def cosine_loss_ref(student_hidden, teacher_hidden, mask=None):
 
 FWD_SCHEMA = "(Tensor student_hidden, Tensor teacher_hidden, Tensor? row_mask=None) -> (Tensor, Tensor)"
 BWD_SCHEMA = (
-    "(Tensor grad_loss, Tensor student_hidden, Tensor teacher_hidden, Tensor stats, Tensor? row_mask=None) "
-    "-> (Tensor, Tensor)"
+    "(Tensor grad_loss, Tensor student_hidden, Tensor teacher_hidden, Tensor stats, Tensor? row_mask=None, "
+    "bool student_grad=True, bool teacher_grad=True) -> (Tensor, Tensor)"
 )
 for _name in ("cosine_loss_fwd", "_cosine_loss_fwd_cpu", "_cosine_loss_fwd_cuda"):
     torch.library.define(f"fastdistil::{_name}", FWD_SCHEMA)
@@ -100,10 +104,10 @@ def _fwd_fake(student_hidden, teacher_hidden, row_mask=None):
     return student_hidden.new_empty((n,), dtype=acc), student_hidden.new_empty((n, 3), dtype=acc)
 
 
-def _bwd_fake(grad_loss, student_hidden, teacher_hidden, stats, row_mask=None):
+def _bwd_fake(grad_loss, student_hidden, teacher_hidden, stats, row_mask=None, student_grad=True, teacher_grad=True):
     return (
-        torch.empty_like(student_hidden, memory_format=torch.contiguous_format),
-        torch.empty_like(teacher_hidden, memory_format=torch.contiguous_format),
+        student_hidden.new_empty(student_hidden.shape if student_grad else (0,)),
+        teacher_hidden.new_empty(teacher_hidden.shape if teacher_grad else (0,)),
     )
 
 
@@ -125,8 +129,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_stats):
     student_hidden, teacher_hidden, stats, row_mask = ctx.saved_tensors
-    grad_s, grad_t = torch.ops.fastdistil.cosine_loss_bwd(grad_loss, student_hidden, teacher_hidden, stats, row_mask)
     needs_s, needs_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_s, grad_t = torch.ops.fastdistil.cosine_loss_bwd(
+        grad_loss, student_hidden, teacher_hidden, stats, row_mask, needs_s, needs_t
+    )
     return (grad_s if needs_s else None), (grad_t if needs_t else None), None
 
 

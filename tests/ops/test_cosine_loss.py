@@ -35,8 +35,10 @@ def _check(impl, s, t, row_mask=None):
     grad_loss = torch.rand(N, dtype=torch.float64, device=s.device) + 0.5
     o_gs, o_gt = C.cosine_loss_bwd_ref(grad_loss, s.double(), t.double(), o_stats, row_mask)
     l_gs, l_gt = C.cosine_loss_bwd_ref(grad_loss.to(s.dtype), s, t, l_stats, row_mask)
-    gs, gt = C.BWD_IMPLS[impl](grad_loss.float(), s, t, o_stats.float(), row_mask)
+    gs, gt = C.BWD_IMPLS[impl](grad_loss.float(), s, t, o_stats.float(), row_mask, True, True)
     assert gs.dtype == s.dtype and gt.dtype == t.dtype
+    only_s, no_t = C.BWD_IMPLS[impl](grad_loss.float(), s, t, o_stats.float(), row_mask, True, False)
+    assert no_t.numel() == 0 and torch.equal(only_s, gs)
     rtol = 1e-6 + output_rounding_slack(impl, s.dtype)
     assert_close_3way(gs.cpu(), o_gs.cpu(), l_gs.cpu(), atol=1e-7, rtol=rtol, what=f"{impl} grad_student")
     assert_close_3way(gt.cpu(), o_gt.cpu(), l_gt.cpu(), atol=1e-7, rtol=rtol, what=f"{impl} grad_teacher")
@@ -129,9 +131,11 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.fastdistil.cosine_loss_fwd.default, (s, t, None))
     torch.library.opcheck(torch.ops.fastdistil.cosine_loss_fwd.default, (s, t, mask))
     _, stats = torch.ops.fastdistil.cosine_loss_fwd(s.detach(), t.detach(), mask)
-    torch.library.opcheck(
-        torch.ops.fastdistil.cosine_loss_bwd.default, (torch.rand(5, device=device), s.detach(), t.detach(), stats, mask)
-    )
+    for flags in ((True, True), (True, False)):
+        torch.library.opcheck(
+            torch.ops.fastdistil.cosine_loss_bwd.default,
+            (torch.rand(5, device=device), s.detach(), t.detach(), stats, mask, *flags),
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,0 +1,107 @@
+"""kd_loss fwd+bwd: the DistilBERT distiller's formulation (eager), torch.compile of it, and ours.
+
+    pytest benchmarks/bench_kd_loss.py --benchmark-only
+
+The baseline is kd_loss_ref in fastdistil/ops/kd_loss.py: masked_select of the attention-mask rows,
+/T, log_softmax, softmax, KLDivLoss(batchmean) * T^2, backward. Inputs: logits of N tokens of which
+~10% are padding (unselected rows), V = 30522. Bytes that must move: read both logits of the selected
+rows once, write the whole gradient once. Targets (CPU, N = 4096, fp32) are checked in the report.
+"""
+
+import pytest
+import torch
+
+import fastdistil
+from benchmarks import harness
+from fastdistil import backend
+from fastdistil.ops import op_module
+
+K = op_module("kd_loss")
+V = 30522
+TEMPERATURE = 2.0
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NS = (1024, 4096) if harness.DEVICE == "cpu" else (4096, 16384)
+CUDA_IMPLS = [n for n in K.FWD_IMPLS if n.startswith("cuda")] if harness.DEVICE == "cuda" else []
+ARMS = ["eager", "compiled", "ours"] + [f"ours:{n}" for n in CUDA_IMPLS]
+
+
+def _inputs(N, dtype):
+    g = torch.Generator().manual_seed(0)
+    s = (4 * torch.randn(N, V, generator=g)).to(device=harness.DEVICE, dtype=DTYPES[dtype]).requires_grad_()
+    t = (4 * torch.randn(N, V, generator=g)).to(device=harness.DEVICE, dtype=DTYPES[dtype])
+    mask = torch.ones(N, dtype=torch.bool, device=harness.DEVICE)
+    mask[torch.randperm(N, generator=g)[: N // 10].to(harness.DEVICE)] = False  # ~10% padding rows
+    return s, t, mask
+
+
+def make_step(arm, N, dtype):
+    """A zero-argument callable running one fwd+bwd of `arm` on fixed inputs."""
+    s, t, mask = _inputs(N, dtype)
+    if arm == "eager":
+        loss_fn = K.kd_loss_ref
+    elif arm == "compiled":
+        loss_fn = torch.compile(K.kd_loss_ref)
+    else:
+        impl = arm.split(":", 1)[1] if ":" in arm else None
+        loss_fn = fastdistil.kd_loss
+
+    def step():
+        with backend.force_cuda_impl(impl if arm.startswith("ours:") else None):
+            loss = loss_fn(s, t, TEMPERATURE, mask)
+            loss.backward()
+        s.grad = None
+        harness.sync()
+
+    return step
+
+
+def _bytes_moved(N, dtype):
+    elt = torch.finfo(DTYPES[dtype]).bits // 8
+    selected = N - N // 10
+    return (2 * selected * V + N * V) * elt
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("N", NS)
+@pytest.mark.parametrize("arm", ARMS)
+def test_kd_loss_fwd_bwd(benchmark, arm, N, dtype):
+    benchmark.group = f"kd_loss N={N} V={V} {dtype}"
+    rounds = 3 if (arm != "ours" and harness.DEVICE == "cpu") else 10
+    harness.run(benchmark, "kd_loss", "benchmarks.bench_kd_loss", {"arm": arm, "N": N, "dtype": dtype},
+                _bytes_moved(N, dtype), rounds)
+
+
+def _ratio_target(other, factor):
+    def check(by_arm, ceiling):
+        ours, base = by_arm.get("ours"), by_arm.get(other)
+        if not (ours and base):
+            return False, "not measured"
+        ratio = base.median_ms / ours.median_ms
+        return ratio >= factor, f"{ratio:.1f}x ({base.median_ms:.0f} ms vs {ours.median_ms:.0f} ms)"
+    return check
+
+
+def _memory_target(by_arm, ceiling):
+    ours = by_arm.get("ours")
+    one = 4096 * V * 4
+    if not ours:
+        return False, "not measured"
+    ratio = ours.peak_delta_bytes / one
+    return ratio <= 1.25, f"{ratio:.2f}x one (N, V) fp32 tensor ({ours.peak_delta_bytes / 2**20:.0f} MB)"
+
+
+def _bandwidth_target(by_arm, ceiling):
+    ours = by_arm.get("ours")
+    if not (ours and ceiling):
+        return False, "not measured"
+    frac = ours.gbs / ceiling
+    return frac >= 0.5, f"{100 * frac:.0f}% ({ours.gbs:.1f} of {ceiling:.1f} GB/s)"
+
+
+if harness.DEVICE == "cpu":
+    harness.TARGETS[("kd_loss", harness.case_key({"N": 4096, "dtype": "fp32"}))] = [
+        (">= 10x faster than eager", _ratio_target("eager", 10)),
+        (">= 3x faster than compiled", _ratio_target("compiled", 3)),
+        ("peak memory delta <= 1.25x one (N, V) fp32", _memory_target),
+        (">= 50% of measured bandwidth", _bandwidth_target),
+    ]

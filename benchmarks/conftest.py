@@ -1,0 +1,22 @@
+"""pytest benchmarks/ --benchmark-only: times every arm, measures peak memory in fresh processes, and
+prints (and writes to benchmarks/results/<device>.json) one table with the ratios and the targets."""
+
+import os
+
+import pytest
+
+from benchmarks import harness
+
+
+@pytest.fixture(scope="session", autouse=True)
+def bandwidth():
+    harness.STATE["bandwidth_gbs"] = harness.measure_bandwidth_gbs()
+    return harness.STATE["bandwidth_gbs"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not harness.ROWS:
+        return
+    name = os.environ.get("FASTDISTIL_BENCH_OUT", f"{harness.DEVICE}.json")
+    terminalreporter.write_sep("=", "fastdistil benchmark report")
+    terminalreporter.write_line(harness.report(harness.TARGETS, out_name=name))

@@ -1,0 +1,157 @@
+"""Shared benchmark machinery: the machine's own bandwidth ceiling, honest peak-memory deltas, and the
+results table with the targets of each op.
+
+Peak memory on CPU is measured in a FRESH process per arm (benchmarks/memprobe.py): after a warm-up step
+(compilation, thread pools), freed memory is handed back (malloc_trim), the kernel's high-water mark is
+reset (/proc/self/clear_refs), and VmHWM - VmRSS over one step is the delta. ru_maxrss is useless for
+this: a child inherits its parent's peak. On CUDA: torch.cuda.max_memory_allocated over one step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_bandwidth_gbs(mbytes: int = 512, repeats: int = 7) -> float:
+    """STREAM-copy bandwidth of this machine, in GB/s counting bytes read + bytes written (best of
+    `repeats`, on warm buffers much larger than the caches)."""
+    n = mbytes * 2**20 // 4
+    src = torch.randn(n, device=DEVICE)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best / 1e9
+
+
+def peak_memory_delta(bench_module: str, case: dict) -> int:
+    """Bytes one step of `case` adds at its peak, measured in a fresh process (CPU) or in-process (CUDA)."""
+    if DEVICE == "cuda":
+        import importlib
+
+        step = importlib.import_module(bench_module).make_step(**case)
+        step()
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        sync()
+        return torch.cuda.max_memory_allocated() - base
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memprobe", bench_module, json.dumps(case)],
+        capture_output=True, text=True, cwd=ROOT, timeout=1800,
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"memory probe failed for {bench_module} {case}:\n{r.stderr[-3000:]}")
+    return int(r.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class Row:
+    op: str
+    arm: str
+    case: dict
+    median_ms: float
+    peak_delta_bytes: int
+    bytes_moved: int  # the bytes that must move: inputs read once, outputs written once
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gbs(self) -> float:
+        return self.bytes_moved / (self.median_ms / 1e3) / 1e9
+
+
+ROWS: list[Row] = []
+STATE: dict = {}
+# {(op, case_key): [(description, check(rows_by_arm, ceiling) -> (ok, measured_text))]}, filled by bench files.
+TARGETS: dict = {}
+
+
+def case_key(case: dict) -> str:
+    return json.dumps(case, sort_keys=True)
+
+
+def run(benchmark, op: str, bench_module: str, case: dict, bytes_moved: int, rounds: int) -> Row:
+    """Time one arm with pytest-benchmark, measure its peak memory delta, and record the row."""
+    import importlib
+
+    step = importlib.import_module(bench_module).make_step(**case)
+    step()  # warm-up (compilation, first-touch)
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
+    row = Row(op, case["arm"], {k: v for k, v in case.items() if k != "arm"}, benchmark.stats.stats.median * 1e3,
+              peak_memory_delta(bench_module, case), bytes_moved)
+    benchmark.extra_info.update(median_ms=row.median_ms, peak_delta_mb=row.peak_delta_bytes / 2**20, gbs=row.gbs)
+    ROWS.append(row)
+    return row
+
+
+def machine() -> dict:
+    info = {"device": DEVICE, "torch": torch.__version__, "cpu": platform.processor() or platform.machine()}
+    if DEVICE == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    else:
+        info["threads"] = torch.get_num_threads()
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    return info
+
+
+def report(targets: dict, out_name: str | None = None) -> str:
+    """The results table, grouped per (op, case), with ratios measured in this run, and target verdicts.
+
+    targets: {(op, case_key): [(description, check(rows_by_arm, ceiling) -> (ok, measured_text))]}."""
+    ceiling = STATE.get("bandwidth_gbs")
+    lines = [f"machine: {machine()}", f"measured copy bandwidth (read + write): {ceiling:.1f} GB/s" if ceiling else ""]
+    groups: dict = {}
+    for row in ROWS:
+        groups.setdefault((row.op, case_key(row.case)), []).append(row)
+    verdicts = []
+    for (op, key), rows in groups.items():
+        by_arm = {r.arm: r for r in rows}
+        eager, compiled = by_arm.get("eager"), by_arm.get("compiled")
+        lines.append(f"\n{op}  {key}")
+        lines.append(f"  {'arm':22s} {'median ms':>10s} {'vs eager':>9s} {'vs compiled':>12s} {'peak MB':>9s} {'GB/s':>7s} {'% ceiling':>9s}")
+        for r in rows:
+            vs_e = f"{eager.median_ms / r.median_ms:8.2f}x" if eager else "-"
+            vs_c = f"{compiled.median_ms / r.median_ms:11.2f}x" if compiled else "-"
+            pct = f"{100 * r.gbs / ceiling:8.1f}%" if ceiling else "-"
+            lines.append(
+                f"  {r.arm:22s} {r.median_ms:10.2f} {vs_e:>9s} {vs_c:>12s} {r.peak_delta_bytes / 2**20:9.1f} {r.gbs:7.2f} {pct:>9s}"
+            )
+        for description, check in targets.get((op, key), []):
+            ok, measured = check(by_arm, ceiling)
+            verdicts.append(f"  [{'MET' if ok else 'MISSED'}] {op} {key}: {description}: {measured}")
+    if verdicts:
+        lines.append("\ntargets:")
+        lines.extend(verdicts)
+    text = "\n".join(lines)
+    if out_name:
+        os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+        path = os.path.join(ROOT, "benchmarks", "results", out_name)
+        with open(path, "w") as f:
+            json.dump(
+                {"machine": machine(), "bandwidth_gbs": ceiling, "rows": [asdict(r) | {"gbs": r.gbs} for r in ROWS],
+                 "targets": verdicts, "table": text},
+                f, indent=1,
+            )
+    return text
