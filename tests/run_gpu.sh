@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One prepared script for a GPU machine: build against its torch, run the CUDA and Triton tests, run the
+# benchmarks, print a short table last. Usage: bash tests/run_gpu.sh [OUT_DIR]
+# (A lent GPU gives minutes, not hours: everything here is sized to finish in about ten.)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-${OUT:-benchmarks/results}}"
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+# Build with the machine's own torch (no dependency resolution: it has no network).
+FASTDISTIL_WITH_CUDA=1 python -m pip install --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1 \
+  || { tail -50 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
+python -m fastdistil.info | tee "$OUT/info.txt"
+
+# Tests: everything, on the GPU (CUDA C++ and Triton kernels run for real).
+timeout 300 python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tail -40 | tee "$OUT/tests.txt"
+
+# Benchmarks on CUDA tensors (arms: eager, compiled, ours with each CUDA implementation).
+FASTDISTIL_BENCH_OUT=cuda.json timeout 400 python -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
+  --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench.txt" | sed -n '/fastdistil benchmark report/,$p'
+cp benchmarks/results/cuda.json "$OUT/" 2>/dev/null || true
