@@ -86,12 +86,24 @@ float kd_row(const scalar_t* s_row, const scalar_t* t_row, scalar_t* g_row, int6
       const int64_t n = std::min(kBlock, V - start);
       const float c_s = kd_coef(ref_s[b], lse_s, inv_temperature), c_t = kd_coef(ref_t[b], lse_t, inv_temperature);
       const Vec v_cs(c_s), v_ct(c_t);
-      float* g = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(g_row + start) : g_buf;
-      int64_t i = 0;
-      for (; i + Vec::size() <= n; i += Vec::size())
-        kd_grad_from_exp(Vec::loadu(es + start + i), Vec::loadu(et + start + i), v_cs, v_ct).store(g + i);
-      for (; i < n; ++i) g[i] = kd_grad_from_exp(es[start + i], et[start + i], c_s, c_t);
-      store_block(g, n, g_row + start);
+      const float* e_s = es + start;
+      const float* e_t = et + start;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        // fp32 output: straight to the gradient row with streaming stores (aligned head/tail done scalar).
+        float* g = reinterpret_cast<float*>(g_row + start);
+        const int64_t head = to_alignment(g, n);
+        int64_t i = 0;
+        for (; i < head; ++i) g[i] = kd_grad_from_exp(e_s[i], e_t[i], c_s, c_t);
+        for (; i + Vec::size() <= n; i += Vec::size())
+          stream_store(g + i, kd_grad_from_exp(Vec::loadu(e_s + i), Vec::loadu(e_t + i), v_cs, v_ct));
+        for (; i < n; ++i) g[i] = kd_grad_from_exp(e_s[i], e_t[i], c_s, c_t);
+      } else {
+        int64_t i = 0;
+        for (; i + Vec::size() <= n; i += Vec::size())
+          kd_grad_from_exp(Vec::loadu(e_s + i), Vec::loadu(e_t + i), v_cs, v_ct).store(g_buf + i);
+        for (; i < n; ++i) g_buf[i] = kd_grad_from_exp(e_s[i], e_t[i], c_s, c_t);
+        store_block(g_buf, n, g_row + start);
+      }
     }
   }
   return kd_row_loss(teacher, student);
@@ -166,6 +178,7 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_log
           loss_ptr[i] = kd_row<false>(s_row, t_row, g_row, V, inv_temperature, es, et, ref_s, ref_t);
         }
       }
+      stream_fence();  // make the streamed gradient visible before the task ends
     });
   });
   return {loss, grad};

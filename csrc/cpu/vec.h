@@ -68,6 +68,33 @@ inline float block_max(const float* x, int64_t n) {
   return m;
 }
 
+// Non-temporal (streaming) store of one full vector to an address aligned to the vector width. Used for
+// the (N, V) gradient, which is written once and not read again soon: it skips the read-for-ownership of
+// every destination line and leaves the caches to the row buffers. Callers end with stream_fence().
+constexpr int64_t kVecBytes = Vec::size() * sizeof(float);
+
+inline void stream_store(float* dst, Vec v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(dst, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_ps(dst, v);
+#else
+  v.store(dst);
+#endif
+}
+
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Elements from p to the next vector-aligned address (0 if p is aligned), at most n.
+inline int64_t to_alignment(const float* p, int64_t n) {
+  const int64_t mis = int64_t(reinterpret_cast<uintptr_t>(p) % kVecBytes) / int64_t(sizeof(float));
+  return std::min(n, mis == 0 ? int64_t(0) : int64_t(Vec::size()) - mis);
+}
+
 inline float vec_sum(Vec v) {
   return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, v);
 }
