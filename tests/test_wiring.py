@@ -96,3 +96,18 @@ def test_triton_kernels_install_under_the_package():
 
     assert k.__name__ == "fastdistil.kernels.kd_loss"
     assert fastdistil.__file__  # the package itself imports from the same install
+
+
+def test_cpu_output_buffer_cache_reuses_and_releases():
+    if backend.NATIVE is None:
+        pytest.skip(f"native extension not loaded: {backend.NATIVE_PROBLEM}")
+    backend.NATIVE.empty_cache()
+    s, t = torch.randn(160, 30522, requires_grad=True), torch.randn(160, 30522)  # 19 MiB: cached
+    fastdistil.kd_loss(s, t).backward()
+    first = s.grad.data_ptr()
+    s.grad = None  # back to the cache
+    assert backend.NATIVE.cached_bytes() >= 160 * 30522 * 4
+    fastdistil.kd_loss(s, t).backward()
+    assert s.grad.data_ptr() == first  # same resident block: no page faults, no kernel zeroing
+    s.grad = None
+    assert backend.NATIVE.empty_cache() >= 160 * 30522 * 4 and backend.NATIVE.cached_bytes() == 0
