@@ -15,6 +15,14 @@
 
 namespace fastdistil {
 
+// The student/teacher pair every loss kernel takes: 2-D, same shape, same floating dtype.
+inline void check_student_teacher(const at::Tensor& student, const at::Tensor& teacher) {
+  FD_CHECK_2D(student);
+  FD_CHECK_SAME_SHAPE(student, teacher);
+  FD_CHECK_SAME_DTYPE(student, teacher);
+  FD_CHECK_FLOATING(student);
+}
+
 // Optional per-row bool mask of length n, made contiguous; undefined when absent.
 inline at::Tensor checked_row_mask(const std::optional<at::Tensor>& row_mask, int64_t n) {
   if (!row_mask.has_value() || !row_mask->defined()) return at::Tensor();

@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdistil.kernels._common import device_ctx, load_row_pair, mask_arg
+
 
 
 @triton.jit
@@ -17,13 +19,7 @@ def _cosine_loss_fwd_kernel(
     s_ptr, t_ptr, mask_ptr, loss_ptr, stats_ptr, stride_row, H, HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr
 ):
     row = tl.program_id(0).to(tl.int64)
-    keep = True
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + row) != 0
-    cols = tl.arange(0, BLOCK_H)
-    valid = (cols < H) & keep
-    s = tl.load(s_ptr + row * stride_row + cols, mask=valid, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + row * stride_row + cols, mask=valid, other=0.0).to(tl.float32)
+    s, t, keep, cols, valid = load_row_pair(s_ptr, t_ptr, mask_ptr, row, stride_row, H, HAS_MASK, BLOCK_H)
     dot = tl.sum(s * t, 0)
     ss = tl.sum(s * s, 0)
     tt = tl.sum(t * t, 0)
@@ -40,13 +36,7 @@ def _cosine_loss_bwd_kernel(
     HAS_MASK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    keep = True
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + row) != 0
-    cols = tl.arange(0, BLOCK_H)
-    valid = (cols < H) & keep
-    s = tl.load(s_ptr + row * stride_row + cols, mask=valid, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + row * stride_row + cols, mask=valid, other=0.0).to(tl.float32)
+    s, t, keep, cols, valid = load_row_pair(s_ptr, t_ptr, mask_ptr, row, stride_row, H, HAS_MASK, BLOCK_H)
     dot = tl.load(stats_ptr + 3 * row)
     ss = tl.load(stats_ptr + 3 * row + 1)
     tt = tl.load(stats_ptr + 3 * row + 2)
@@ -61,16 +51,6 @@ def _cosine_loss_bwd_kernel(
         tl.store(gt_ptr + row * stride_row + cols, gt.to(gt_ptr.dtype.element_ty), mask=cols < H)
 
 
-def _mask_arg(row_mask, like):
-    if row_mask is None:
-        return like, False
-    return row_mask.contiguous().view(torch.uint8), True
-
-
-def _device_ctx(t):
-    return torch.cuda.device(t.device) if t.is_cuda else torch.device(t.device)
-
-
 def _block_h(H):
     if H > 8192:
         raise ValueError(f"the Triton cosine_loss kernel handles hidden sizes up to 8192, got {H}")
@@ -83,9 +63,9 @@ def cosine_loss_fwd(student_hidden, teacher_hidden, row_mask=None):
     N, H = s.shape
     loss = torch.empty(N, device=s.device, dtype=torch.float32)
     stats = torch.empty(N, 3, device=s.device, dtype=torch.float32)
-    mask, has_mask = _mask_arg(row_mask, s)
+    mask, has_mask = mask_arg(row_mask, s)
     if N > 0:
-        with _device_ctx(s):
+        with device_ctx(s):
             _cosine_loss_fwd_kernel[(N,)](s, t, mask, loss, stats, s.stride(0), H, HAS_MASK=has_mask, BLOCK_H=_block_h(H))
     return loss, stats
 
@@ -98,9 +78,9 @@ def cosine_loss_bwd(grad_loss, student_hidden, teacher_hidden, stats, row_mask=N
     N, H = s.shape
     grad_s = torch.empty_like(s) if student_grad else s.new_empty((0,))
     grad_t = torch.empty_like(t) if teacher_grad else t.new_empty((0,))
-    mask, has_mask = _mask_arg(row_mask, s)
+    mask, has_mask = mask_arg(row_mask, s)
     if N > 0:
-        with _device_ctx(s):
+        with device_ctx(s):
             _cosine_loss_bwd_kernel[(N,)](
                 grad_loss.float().contiguous(), s, t, stats.float().contiguous(), mask,
                 grad_s if student_grad else s, grad_t if teacher_grad else t, s.stride(0), H,

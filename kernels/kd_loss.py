@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdistil.kernels._common import device_ctx, mask_arg
+
 
 @triton.jit
 def _kd_loss_fwd_kernel(
@@ -79,23 +81,19 @@ def _kd_loss_bwd_kernel(grad_loss_ptr, grad_ptr, stride_row, V, BLOCK_V: tl.cons
     tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
-def _device_ctx(t):
-    return torch.cuda.device(t.device) if t.is_cuda else torch.device(t.device)  # the tensor's GPU, not GPU 0
-
-
 def kd_loss_fwd(student_logits, teacher_logits, temperature, row_mask=None, with_grad=False):
     """(N, V), (N, V), float, (N,) bool or None, bool -> loss (N,) float32, grad (N, V) like s or (0,)."""
     s, t = student_logits.contiguous(), teacher_logits.contiguous()
     N, V = s.shape
     loss = torch.empty(N, device=s.device, dtype=torch.float32)
     grad = torch.empty_like(s) if with_grad else s.new_empty((0,))
-    mask = s if row_mask is None else row_mask.contiguous().view(torch.uint8)  # any pointer when unused
+    mask, has_mask = mask_arg(row_mask, s)
     BLOCK_V = min(triton.next_power_of_2(V), 4096)  # 4096 fp32 lanes per step keeps registers in check
     if N > 0:
-        with _device_ctx(s):
+        with device_ctx(s):
             _kd_loss_fwd_kernel[(N,)](
                 s, t, mask, loss, grad if with_grad else s, s.stride(0), V, 1.0 / temperature,
-                HAS_MASK=row_mask is not None, WITH_GRAD=with_grad, BLOCK_V=BLOCK_V,
+                HAS_MASK=has_mask, WITH_GRAD=with_grad, BLOCK_V=BLOCK_V,
             )
     return loss, grad
 
@@ -105,7 +103,7 @@ def kd_loss_bwd(grad_loss, grad_logits):
     N, V = grad_logits.shape
     BLOCK_V = min(triton.next_power_of_2(V), 2048)
     if N > 0:
-        with _device_ctx(grad_logits):
+        with device_ctx(grad_logits):
             _kd_loss_bwd_kernel[(N, triton.cdiv(V, BLOCK_V))](
                 grad_loss.float().contiguous(), grad_logits, grad_logits.stride(0), V, BLOCK_V=BLOCK_V
             )

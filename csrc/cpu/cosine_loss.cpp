@@ -89,10 +89,7 @@ void cos_bwd_row(const double* a, const double* b, double* out, int64_t H, doubl
 std::tuple<at::Tensor, at::Tensor> cosine_loss_fwd_cpu(const at::Tensor& student_hidden,
                                                        const at::Tensor& teacher_hidden,
                                                        const std::optional<at::Tensor>& row_mask) {
-  FD_CHECK_2D(student_hidden);
-  FD_CHECK_SAME_SHAPE(student_hidden, teacher_hidden);
-  FD_CHECK_SAME_DTYPE(student_hidden, teacher_hidden);
-  FD_CHECK_FLOATING(student_hidden);
+  check_student_teacher(student_hidden, teacher_hidden);
   const at::Tensor s = student_hidden.contiguous(), t = teacher_hidden.contiguous();
   const int64_t N = s.size(0), H = s.size(1);
   const at::Tensor mask = checked_row_mask(row_mask, N);
@@ -125,9 +122,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_loss_bwd_cpu(const at::Tensor& grad_lo
                                                        const at::Tensor& teacher_hidden, const at::Tensor& stats,
                                                        const std::optional<at::Tensor>& row_mask, bool student_grad,
                                                        bool teacher_grad) {
-  FD_CHECK_2D(student_hidden);
-  FD_CHECK_SAME_SHAPE(student_hidden, teacher_hidden);
-  FD_CHECK_SAME_DTYPE(student_hidden, teacher_hidden);
+  check_student_teacher(student_hidden, teacher_hidden);
   const at::Tensor s = student_hidden.contiguous(), t = teacher_hidden.contiguous();
   const int64_t N = s.size(0), H = s.size(1);
   const auto acc_type = at::toOpMathType(s.scalar_type());

@@ -133,10 +133,7 @@ double kd_row_f64(const scalar_t* s, const scalar_t* t, scalar_t* g, int64_t V, 
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                                                    double temperature, const std::optional<at::Tensor>& row_mask,
                                                    bool with_grad) {
-  FD_CHECK_2D(student_logits);
-  FD_CHECK_SAME_SHAPE(student_logits, teacher_logits);
-  FD_CHECK_SAME_DTYPE(student_logits, teacher_logits);
-  FD_CHECK_FLOATING(student_logits);
+  check_student_teacher(student_logits, teacher_logits);
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ", temperature);
   const at::Tensor s = student_logits.contiguous(), t = teacher_logits.contiguous();
   const int64_t N = s.size(0), V = s.size(1);

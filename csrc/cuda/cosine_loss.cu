@@ -87,10 +87,7 @@ __global__ void cosine_loss_bwd_kernel(const acc_t* __restrict__ grad_loss, cons
 std::tuple<at::Tensor, at::Tensor> cosine_loss_fwd_cuda(const at::Tensor& student_hidden,
                                                         const at::Tensor& teacher_hidden,
                                                         const std::optional<at::Tensor>& row_mask) {
-  FD_CHECK_2D(student_hidden);
-  FD_CHECK_SAME_SHAPE(student_hidden, teacher_hidden);
-  FD_CHECK_SAME_DTYPE(student_hidden, teacher_hidden);
-  FD_CHECK_FLOATING(student_hidden);
+  check_student_teacher(student_hidden, teacher_hidden);
   const c10::cuda::CUDAGuard device_guard(student_hidden.device());
   const at::Tensor s = student_hidden.contiguous(), t = teacher_hidden.contiguous();
   const int64_t N = s.size(0), H = s.size(1);
@@ -114,8 +111,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_loss_bwd_cuda(const at::Tensor& grad_l
                                                         const at::Tensor& teacher_hidden, const at::Tensor& stats,
                                                         const std::optional<at::Tensor>& row_mask, bool student_grad,
                                                         bool teacher_grad) {
-  FD_CHECK_2D(student_hidden);
-  FD_CHECK_SAME_SHAPE(student_hidden, teacher_hidden);
+  check_student_teacher(student_hidden, teacher_hidden);
   const c10::cuda::CUDAGuard device_guard(student_hidden.device());
   const at::Tensor s = student_hidden.contiguous(), t = teacher_hidden.contiguous();
   const int64_t N = s.size(0), H = s.size(1);

@@ -88,10 +88,7 @@ __global__ void kd_loss_bwd_kernel(const acc_t* __restrict__ grad_loss, scalar_t
 std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cuda(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                                                     double temperature, const std::optional<at::Tensor>& row_mask,
                                                     bool with_grad) {
-  FD_CHECK_2D(student_logits);
-  FD_CHECK_SAME_SHAPE(student_logits, teacher_logits);
-  FD_CHECK_SAME_DTYPE(student_logits, teacher_logits);
-  FD_CHECK_FLOATING(student_logits);
+  check_student_teacher(student_logits, teacher_logits);
   const c10::cuda::CUDAGuard device_guard(student_logits.device());  // launch on the tensor's GPU
   const at::Tensor s = student_logits.contiguous(), t = teacher_logits.contiguous();
   const int64_t N = s.size(0), V = s.size(1);
