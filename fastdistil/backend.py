@@ -102,14 +102,19 @@ def cpu_impl(op: str, impls: dict) -> str:
     return "reference"
 
 
-def available_cuda_impls(op: str, impls: dict) -> list[str]:
-    names = []
-    for name, fn in impls.items():
-        if name == "cuda_cpp" and not has_native(fn):
-            continue
-        if name.startswith("cuda") or name == "reference":
-            names.append(name)
-    return names
+_available: dict[str, tuple[str, ...]] = {}
+
+
+def available_cuda_impls(op: str, impls: dict) -> tuple[str, ...]:
+    """Implementations of `op` that can fill its CUDA slot here (fixed after import, so computed once:
+    cuda_impl runs on every call of an op)."""
+    if op not in _available:
+        _available[op] = tuple(
+            name
+            for name, fn in impls.items()
+            if (name == "reference" or name.startswith("cuda")) and not (name == "cuda_cpp" and not has_native(fn))
+        )
+    return _available[op]
 
 
 _forced_cuda_impl: str | None = None

@@ -37,24 +37,41 @@ inline Vec fd_select(Vec mask, Vec a, Vec b) { return Vec::blendv(b, a, mask); }
 constexpr int64_t kBlock = 1024;
 
 // Copy n elements of a row into a float buffer. float rows are used in place (no copy); bf16 and
-// fp16 rows are widened block by block, so all the math runs in fp32.
+// fp16 rows are widened block by block with SIMD conversions, so all the math runs in fp32.
 template <typename scalar_t>
 inline const float* as_float_block(const scalar_t* src, int64_t n, float* buf) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     return src;
-  } else {
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
     at::vec::convert(src, buf, n);
+    return buf;
+  } else {
+    constexpr int64_t W = at::vec::Vectorized<scalar_t>::size();  // = 2 float vectors
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+      Vec lo, hi;
+      at::vec::load_to_float(src + i, lo, hi);
+      lo.store(buf + i);
+      hi.store(buf + i + Vec::size());
+    }
+    for (; i < n; ++i) buf[i] = static_cast<float>(src[i]);
     return buf;
   }
 }
 
-// Store n floats to a row of scalar_t (narrowing for bf16/fp16, round to nearest even).
+// Store n floats to a row of scalar_t (narrowing for bf16/fp16: round to nearest even).
 template <typename scalar_t>
 inline void store_block(const float* src, int64_t n, scalar_t* dst) {
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (src != dst) std::copy(src, src + n, dst);
-  } else {
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
     at::vec::convert(src, dst, n);
+  } else {
+    constexpr int64_t W = at::vec::Vectorized<scalar_t>::size();
+    int64_t i = 0;
+    for (; i + W <= n; i += W)
+      at::vec::convert_from_float<scalar_t>(Vec::loadu(src + i), Vec::loadu(src + i + Vec::size())).store(dst + i);
+    for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
   }
 }
 
