@@ -78,11 +78,11 @@ def seed(request):
     yield s
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(hookwrapper=True)  # the old-style wrapper: works on every pytest a GPU machine may have
 def pytest_runtest_makereport(item, call):
-    report = yield
+    outcome = yield
+    report = outcome.get_result()
     if report.failed and call.when == "call":
         seeds = [v for k, v in item.user_properties if k == "seed"]
         if seeds:
             report.sections.append(("seed", f"torch.manual_seed({seeds[0]}); rerun with FASTDISTIL_TEST_SEED={seeds[0]}"))
-    return report

@@ -111,3 +111,20 @@ def test_cpu_output_buffer_cache_reuses_and_releases():
     assert s.grad.data_ptr() == first  # same resident block: no page faults, no kernel zeroing
     s.grad = None
     assert backend.NATIVE.empty_cache() >= 160 * 30522 * 4 and backend.NATIVE.cached_bytes() == 0
+
+
+def test_cpu_output_buffer_cache_keeps_the_newest_sizes():
+    """Stale sizes from earlier work must not lock the shapes in use now out of the cache."""
+    if backend.NATIVE is None:
+        pytest.skip(f"native extension not loaded: {backend.NATIVE_PROBLEM}")
+    backend.NATIVE.empty_cache()
+    t = torch.randn(1, 30522)
+    rows_seen = (140, 180, 220, 260, 300)  # five distinct block sizes, one more than the cache holds
+    for rows in rows_seen:
+        s = torch.randn(rows, 30522, requires_grad=True)
+        fastdistil.kd_loss(s, t.expand(rows, -1)).backward()
+        s.grad = None
+    huge = 2 * 2**20  # blocks are whole 2 MiB huge pages
+    newest = sum(-(-rows * 30522 * 4 // huge) * huge for rows in rows_seen[1:])
+    assert backend.NATIVE.cached_bytes() == newest
+    backend.NATIVE.empty_cache()

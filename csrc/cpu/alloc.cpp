@@ -30,13 +30,15 @@ Cache& cache() {
   return *c;
 }
 
+// The newest block is kept; past kMaxBlocks the oldest goes back to the OS. (Refusing the newest instead
+// would let a few stale sizes from earlier work block the cache for the shapes in use now.)
 void release(void* ptr, size_t bytes) {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  if (c.free_blocks.size() < kMaxBlocks) {
-    c.free_blocks.push_back({ptr, bytes});
-  } else {
-    std::free(ptr);
+  c.free_blocks.push_back({ptr, bytes});
+  if (c.free_blocks.size() > kMaxBlocks) {
+    std::free(c.free_blocks.front().ptr);
+    c.free_blocks.erase(c.free_blocks.begin());
   }
 }
 
