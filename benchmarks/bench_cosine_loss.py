@@ -7,6 +7,8 @@ the last hidden states + CosineEmbeddingLoss with target 1), backward to the stu
 Bytes that must move: read both hidden states of the selected rows once, write the student gradient once.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -46,11 +48,20 @@ def make_step(arm, N, dtype):
     return step
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("N", NS)
-@pytest.mark.parametrize("arm", ARMS)
-def test_cosine_loss_fwd_bwd(benchmark, arm, N, dtype):
-    benchmark.group = f"cosine_loss N={N} H={H} {dtype}"
-    elt = torch.finfo(DTYPES[dtype]).bits // 8
-    moved = (2 * (N - N // 10) * H + N * H) * elt
-    harness.run(benchmark, "cosine_loss", "benchmarks.bench_cosine_loss", {"arm": arm, "N": N, "dtype": dtype}, moved, 10)
+OP = "cosine_loss"
+CASES = [{"arm": arm, "N": N, "dtype": dtype} for dtype in DTYPES for N in NS for arm in ARMS]
+
+
+def bytes_moved(case):
+    elt = torch.finfo(DTYPES[case["dtype"]]).bits // 8
+    return (2 * (case["N"] - case["N"] // 10) * H + case["N"] * H) * elt
+
+
+def rounds(case):
+    return 10
+
+
+@pytest.mark.parametrize("case", CASES, ids=harness.case_id)
+def test_cosine_loss_fwd_bwd(benchmark, case):
+    benchmark.group = f"cosine_loss N={case['N']} H={H} {case['dtype']}"
+    harness.run(sys.modules[__name__], case, benchmark)

@@ -8,6 +8,8 @@ The baseline is kd_loss_ref in fastdistil/ops/kd_loss.py: masked_select of the a
 rows once, write the whole gradient once. Targets (CPU, N = 4096, fp32) are checked in the report.
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -42,11 +44,11 @@ def make_step(arm, N, dtype):
     elif arm == "compiled":
         loss_fn = torch.compile(K.kd_loss_ref)
     else:
-        impl = arm.split(":", 1)[1] if ":" in arm else None
         loss_fn = fastdistil.kd_loss
+    impl = arm.split(":", 1)[1] if arm.startswith("ours:") else None  # "ours:cuda_cpp": force that kernel
 
     def step():
-        with backend.force_cuda_impl(impl if arm.startswith("ours:") else None):
+        with backend.force_cuda_impl(impl):
             loss = loss_fn(s, t, TEMPERATURE, mask)
             loss.backward()
         s.grad = None
@@ -55,20 +57,24 @@ def make_step(arm, N, dtype):
     return step
 
 
-def _bytes_moved(N, dtype):
-    elt = torch.finfo(DTYPES[dtype]).bits // 8
-    selected = N - N // 10
-    return (2 * selected * V + N * V) * elt
+OP = "kd_loss"
+CASES = [{"arm": arm, "N": N, "dtype": dtype} for dtype in DTYPES for N in NS for arm in ARMS]
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("N", NS)
-@pytest.mark.parametrize("arm", ARMS)
-def test_kd_loss_fwd_bwd(benchmark, arm, N, dtype):
-    benchmark.group = f"kd_loss N={N} V={V} {dtype}"
-    rounds = 3 if (arm != "ours" and harness.DEVICE == "cpu") else 10
-    harness.run(benchmark, "kd_loss", "benchmarks.bench_kd_loss", {"arm": arm, "N": N, "dtype": dtype},
-                _bytes_moved(N, dtype), rounds)
+def bytes_moved(case):
+    elt = torch.finfo(DTYPES[case["dtype"]]).bits // 8
+    selected = case["N"] - case["N"] // 10
+    return (2 * selected * V + case["N"] * V) * elt
+
+
+def rounds(case):
+    return 3 if (case["arm"] in ("eager", "compiled") and harness.DEVICE == "cpu") else 10
+
+
+@pytest.mark.parametrize("case", CASES, ids=harness.case_id)
+def test_kd_loss_fwd_bwd(benchmark, case):
+    benchmark.group = f"kd_loss N={case['N']} V={V} {case['dtype']}"
+    harness.run(sys.modules[__name__], case, benchmark)
 
 
 def _ratio_target(other, factor):

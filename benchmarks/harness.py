@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -92,18 +93,41 @@ def case_key(case: dict) -> str:
     return json.dumps(case, sort_keys=True)
 
 
-def run(benchmark, op: str, bench_module: str, case: dict, bytes_moved: int, rounds: int) -> Row:
-    """Time one arm with pytest-benchmark, measure its peak memory delta, and record the row."""
-    import importlib
+def time_step(step, rounds: int) -> float:
+    """Median seconds of `rounds` calls (after one warm-up), for runs without pytest-benchmark."""
+    step()
+    times = []
+    for _ in range(rounds):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
-    step = importlib.import_module(bench_module).make_step(**case)
-    step()  # warm-up (compilation, first-touch)
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
-    row = Row(op, case["arm"], {k: v for k, v in case.items() if k != "arm"}, benchmark.stats.stats.median * 1e3,
-              peak_memory_delta(bench_module, case), bytes_moved)
-    benchmark.extra_info.update(median_ms=row.median_ms, peak_delta_mb=row.peak_delta_bytes / 2**20, gbs=row.gbs)
+
+def run(module, case: dict, benchmark=None) -> Row:
+    """Time one case of a bench module (pytest-benchmark's fixture when given), measure its peak memory
+    delta, and record the row. A bench module defines OP, CASES, make_step(**case), bytes_moved(case)
+    and rounds(case)."""
+    step = module.make_step(**case)
+    if benchmark is not None:
+        step()  # warm-up (compilation, first-touch)
+        benchmark.pedantic(step, rounds=module.rounds(case), iterations=1, warmup_rounds=1)
+        median_s = benchmark.stats.stats.median
+    else:
+        median_s = time_step(step, module.rounds(case))
+    del step
+    row = Row(module.OP, case["arm"], {k: v for k, v in case.items() if k != "arm"}, median_s * 1e3,
+              peak_memory_delta(module.__name__, case), module.bytes_moved(case))
+    if benchmark is not None:
+        benchmark.extra_info.update(median_ms=row.median_ms, peak_delta_mb=row.peak_delta_bytes / 2**20, gbs=row.gbs)
     ROWS.append(row)
     return row
+
+
+def case_id(case: dict) -> str:
+    return "-".join(str(v) for v in case.values())
 
 
 def machine() -> dict:
