@@ -17,6 +17,9 @@ def bandwidth():
 def pytest_terminal_summary(terminalreporter):
     if not harness.ROWS:
         return
+    # The ceiling is the best this machine showed: measured again at the end, the maximum is kept (copy
+    # bandwidth on these machines varies by a third between runs; the lower reading would flatter us).
+    harness.STATE["bandwidth_gbs"] = max(harness.STATE["bandwidth_gbs"], harness.measure_bandwidth_gbs())
     name = os.environ.get("FASTDISTIL_BENCH_OUT", f"{harness.DEVICE}.json")
     terminalreporter.write_sep("=", "fastdistil benchmark report")
     terminalreporter.write_line(harness.report(harness.TARGETS, out_name=name))

@@ -29,20 +29,23 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure_bandwidth_gbs(mbytes: int = 512, repeats: int = 7) -> float:
-    """STREAM-copy bandwidth of this machine, in GB/s counting bytes read + bytes written (best of
-    `repeats`, on warm buffers much larger than the caches)."""
+def measure_bandwidth_gbs(mbytes: int = 512, allocations: int = 4, repeats: int = 5) -> float:
+    """STREAM-copy bandwidth of this machine, in GB/s counting bytes read + bytes written: the best of
+    `repeats` copies on warm buffers much larger than the caches, over `allocations` fresh buffer pairs
+    (readings vary by a third with where the pages land; the best is the ceiling)."""
     n = mbytes * 2**20 // 4
-    src = torch.randn(n, device=DEVICE)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
     best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
+    for _ in range(allocations):
+        src = torch.randn(n, device=DEVICE)
+        dst = torch.empty_like(src)
         dst.copy_(src)
-        sync()
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        del src, dst
     return 2 * n * 4 / best / 1e9
 
 
