@@ -8,7 +8,9 @@
 //     p-weighted (t - s)/T sum that gives the KL. With a gradient requested, e_s and e_t are kept in a
 //     per-thread row buffer (2 x V floats: 244 KB for BERT's vocabulary, L2-resident).
 //   pass 2 (only with a gradient): d KL / d s = (q - p)/T = e_s * c_s - e_t * c_t with per-block
-//     scalars c = exp(max - lse)/T, written once. Two exps per logit in all, one read of each input.
+//     scalars c = exp(max - lse)/T, written once, interleaved block by block with the next row's pass 1
+//     (software pipelining: the gradient stores drain while the exponentials compute).
+//   Two exps per logit in all, one read of each input.
 // Backward: scales each gradient row by grad_loss[i], in place (no second (N, V) buffer).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -29,11 +31,66 @@ namespace {
 // Grain for at::parallel_for over rows: enough elements per task to amortise scheduling.
 inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(V, 1)); }
 
-// One row, fp32 math on fp32/bf16/fp16 data. kWithGrad: also write (q - p)/T to g_row, using the row
-// buffers es/et (>= V floats each) and the per-block references ref_s/ref_t (>= ceil(V / kBlock)).
+// Row buffers for the exponentials kept between the two passes of one row: e_s, e_t (V floats each) and
+// the per-block reference maxima (ceil(V / kBlock) each).
+struct RowBuffers {
+  float* es;
+  float* et;
+  float* ref_s;
+  float* ref_t;
+};
+
+// A row whose exponentials are computed but whose gradient is not written yet. Its blocks are written
+// while the NEXT row's first pass computes, so the (store-bound) gradient write overlaps the
+// (exp-bound) first pass instead of following it.
+template <typename scalar_t>
+struct PendingGrad {
+  scalar_t* g_row = nullptr;  // null: nothing pending
+  RowBuffers buf{};
+  float lse_s = 0.f, lse_t = 0.f;
+  int64_t next = 0;  // first element not written yet
+};
+
+// Write the next block of the pending row's gradient (q - p)/T = e_s * c_s - e_t * c_t.
+template <typename scalar_t>
+void write_grad_block(PendingGrad<scalar_t>& p, int64_t V, float inv_temperature) {
+  const int64_t start = p.next, b = start / kBlock, n = std::min(kBlock, V - start);
+  const float c_s = kd_coef(p.buf.ref_s[b], p.lse_s, inv_temperature);
+  const float c_t = kd_coef(p.buf.ref_t[b], p.lse_t, inv_temperature);
+  const Vec v_cs(c_s), v_ct(c_t);
+  const float* e_s = p.buf.es + start;
+  const float* e_t = p.buf.et + start;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // fp32 output: straight to the gradient row with streaming stores (aligned head/tail done scalar).
+    float* g = p.g_row + start;
+    const int64_t head = to_alignment(g, n);
+    int64_t i = 0;
+    for (; i < head; ++i) g[i] = kd_grad_from_exp(e_s[i], e_t[i], c_s, c_t);
+    for (; i + Vec::size() <= n; i += Vec::size())
+      stream_store(g + i, kd_grad_from_exp(Vec::loadu(e_s + i), Vec::loadu(e_t + i), v_cs, v_ct));
+    for (; i < n; ++i) g[i] = kd_grad_from_exp(e_s[i], e_t[i], c_s, c_t);
+  } else {
+    alignas(64) float g_buf[kBlock];
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size())
+      kd_grad_from_exp(Vec::loadu(e_s + i), Vec::loadu(e_t + i), v_cs, v_ct).store(g_buf + i);
+    for (; i < n; ++i) g_buf[i] = kd_grad_from_exp(e_s[i], e_t[i], c_s, c_t);
+    store_block(g_buf, n, p.g_row + start);
+  }
+  p.next = start + n;
+  if (p.next >= V) p.g_row = nullptr;
+}
+
+template <typename scalar_t>
+void flush(PendingGrad<scalar_t>& p, int64_t V, float inv_temperature) {
+  while (p.g_row != nullptr) write_grad_block(p, V, inv_temperature);
+}
+
+// First pass over one row, fp32 math on fp32/bf16/fp16 data: returns the row's loss and its log-sum-exps.
+// kWithGrad: also keeps the exponentials in `buf` and writes one block of `pending` per block read.
 template <bool kWithGrad, typename scalar_t>
-float kd_row(const scalar_t* s_row, const scalar_t* t_row, scalar_t* g_row, int64_t V, float inv_temperature,
-             float* es, float* et, float* ref_s, float* ref_t) {
+float kd_row(const scalar_t* s_row, const scalar_t* t_row, int64_t V, float inv_temperature, RowBuffers buf,
+             PendingGrad<scalar_t>* pending, float* lse_s, float* lse_t) {
   alignas(64) float s_buf[kBlock];
   alignas(64) float t_buf[kBlock];
   const Vec v_inv_t(inv_temperature), v_neg_inf(-INFINITY), v_zero(0.f);
@@ -57,8 +114,8 @@ float kd_row(const scalar_t* s_row, const scalar_t* t_row, scalar_t* g_row, int6
       acc_t += e_t;
       acc_w += kd_weighted_term(e_t, sv, tv, v_inv_t, v_neg_inf, v_zero);
       if constexpr (kWithGrad) {
-        e_s.store(es + start + i);
-        e_t.store(et + start + i);
+        e_s.store(buf.es + start + i);
+        e_t.store(buf.et + start + i);
       }
     }
     float ds = vec_sum(acc_s), dt = vec_sum(acc_t), w = vec_sum(acc_w);
@@ -68,44 +125,20 @@ float kd_row(const scalar_t* s_row, const scalar_t* t_row, scalar_t* g_row, int6
       dt += e_t;
       w += kd_weighted_term(e_t, s[i], t[i], inv_temperature, -INFINITY, 0.f);
       if constexpr (kWithGrad) {
-        es[start + i] = e_s;
-        et[start + i] = e_t;
+        buf.es[start + i] = e_s;
+        buf.et[start + i] = e_t;
       }
     }
     student = lse_merge(student, rs, ds);
     teacher = kd_teacher_merge(teacher, rt, dt, w);
     if constexpr (kWithGrad) {
-      ref_s[b] = rs;
-      ref_t[b] = rt;
+      buf.ref_s[b] = rs;
+      buf.ref_t[b] = rt;
+      if (pending->g_row != nullptr) write_grad_block(*pending, V, inv_temperature);
     }
   }
-  if constexpr (kWithGrad) {
-    const float lse_s = lse_value(student), lse_t = teacher.m + fd_log(teacher.d);
-    alignas(64) float g_buf[kBlock];
-    for (int64_t start = 0, b = 0; start < V; start += kBlock, ++b) {
-      const int64_t n = std::min(kBlock, V - start);
-      const float c_s = kd_coef(ref_s[b], lse_s, inv_temperature), c_t = kd_coef(ref_t[b], lse_t, inv_temperature);
-      const Vec v_cs(c_s), v_ct(c_t);
-      const float* e_s = es + start;
-      const float* e_t = et + start;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        // fp32 output: straight to the gradient row with streaming stores (aligned head/tail done scalar).
-        float* g = reinterpret_cast<float*>(g_row + start);
-        const int64_t head = to_alignment(g, n);
-        int64_t i = 0;
-        for (; i < head; ++i) g[i] = kd_grad_from_exp(e_s[i], e_t[i], c_s, c_t);
-        for (; i + Vec::size() <= n; i += Vec::size())
-          stream_store(g + i, kd_grad_from_exp(Vec::loadu(e_s + i), Vec::loadu(e_t + i), v_cs, v_ct));
-        for (; i < n; ++i) g[i] = kd_grad_from_exp(e_s[i], e_t[i], c_s, c_t);
-      } else {
-        int64_t i = 0;
-        for (; i + Vec::size() <= n; i += Vec::size())
-          kd_grad_from_exp(Vec::loadu(e_s + i), Vec::loadu(e_t + i), v_cs, v_ct).store(g_buf + i);
-        for (; i < n; ++i) g_buf[i] = kd_grad_from_exp(e_s[i], e_t[i], c_s, c_t);
-        store_block(g_buf, n, g_row + start);
-      }
-    }
-  }
+  *lse_s = lse_value(student);
+  *lse_t = teacher.m + fd_log(teacher.d);
   return kd_row_loss(teacher, student);
 }
 
@@ -152,12 +185,16 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_log
     acc_t* loss_ptr = loss.data_ptr<acc_t>();
     const acc_t inv_temperature = acc_t(1.0 / temperature);
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-      // Per-task row buffers for the exponentials kept between the two passes.
-      std::vector<float> buf(with_grad ? 2 * (V + n_blocks) : 0);
-      float* es = buf.data();
-      float* et = es + V;
-      float* ref_s = et + V;
-      float* ref_t = ref_s + n_blocks;
+      // Two sets of row buffers: the current row's first pass fills one while the previous row's
+      // gradient is written from the other.
+      std::vector<float> storage(with_grad ? 2 * 2 * (V + n_blocks) : 0);
+      RowBuffers sets[2];
+      for (int k = 0; k < 2 && with_grad; ++k) {
+        float* base = storage.data() + k * 2 * (V + n_blocks);
+        sets[k] = {base, base + V, base + 2 * V, base + 2 * V + n_blocks};
+      }
+      PendingGrad<scalar_t> pending;
+      int cur = 0;
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* g_row = with_grad ? grad_ptr + i * V : nullptr;
         if (mask_ptr && !mask_ptr[i]) {  // unselected rows are never read; exact zero gradient
@@ -169,12 +206,19 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_fwd_cpu(const at::Tensor& student_log
         const scalar_t* t_row = t_ptr + i * V;
         if constexpr (std::is_same_v<scalar_t, double>) {
           loss_ptr[i] = kd_row_f64(s_row, t_row, g_row, V, inv_temperature);
-        } else if (with_grad) {
-          loss_ptr[i] = kd_row<true>(s_row, t_row, g_row, V, inv_temperature, es, et, ref_s, ref_t);
         } else {
-          loss_ptr[i] = kd_row<false>(s_row, t_row, g_row, V, inv_temperature, es, et, ref_s, ref_t);
+          float lse_s, lse_t;
+          if (with_grad) {
+            loss_ptr[i] = kd_row<true>(s_row, t_row, V, inv_temperature, sets[cur], &pending, &lse_s, &lse_t);
+            flush(pending, V, inv_temperature);  // normally done already: rows have equal block counts
+            pending = {g_row, sets[cur], lse_s, lse_t, 0};
+            cur ^= 1;
+          } else {
+            loss_ptr[i] = kd_row<false>(s_row, t_row, V, inv_temperature, sets[cur], &pending, &lse_s, &lse_t);
+          }
         }
       }
+      if constexpr (!std::is_same_v<scalar_t, double>) flush(pending, V, inv_temperature);
       stream_fence();  // make the streamed gradient visible before the task ends
     });
   });
