@@ -14,38 +14,22 @@ import torch
 
 import fastdistil
 from benchmarks import harness
-from fastdistil import backend
 from fastdistil.ops import op_module
 
 C = op_module("cosine_loss")
 H = 768
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NS = (4096, 16384)
-CUDA_IMPLS = [n for n in C.FWD_IMPLS if n.startswith("cuda")] if harness.DEVICE == "cuda" else []
-ARMS = ["eager", "compiled", "ours"] + [f"ours:{n}" for n in CUDA_IMPLS]
+ARMS = harness.arms(C.FWD_IMPLS)
 
 
 def make_step(arm, N, dtype):
+    """A zero-argument callable running one fwd+bwd of `arm` on fixed inputs (gradient to the student only)."""
     g = torch.Generator().manual_seed(0)
     s = torch.randn(N, H, generator=g).to(device=harness.DEVICE, dtype=DTYPES[dtype]).requires_grad_()
     t = torch.randn(N, H, generator=g).to(device=harness.DEVICE, dtype=DTYPES[dtype])
-    mask = torch.ones(N, dtype=torch.bool, device=harness.DEVICE)
-    mask[torch.randperm(N, generator=g)[: N // 10].to(harness.DEVICE)] = False
-    if arm == "eager":
-        loss_fn = C.cosine_loss_ref
-    elif arm == "compiled":
-        loss_fn = torch.compile(C.cosine_loss_ref)
-    else:
-        loss_fn = fastdistil.cosine_loss
-    impl = arm.split(":", 1)[1] if arm.startswith("ours:") else None
-
-    def step():
-        with backend.force_cuda_impl(impl):
-            loss_fn(s, t, mask).backward()
-        s.grad = None
-        harness.sync()
-
-    return step
+    mask = harness.padding_mask(N, g)
+    return harness.loss_step(arm, C.cosine_loss_ref, fastdistil.cosine_loss, lambda fn: fn(s, t, mask), s)
 
 
 OP = "cosine_loss"

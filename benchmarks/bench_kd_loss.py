@@ -15,7 +15,6 @@ import torch
 
 import fastdistil
 from benchmarks import harness
-from fastdistil import backend
 from fastdistil.ops import op_module
 
 K = op_module("kd_loss")
@@ -23,38 +22,16 @@ V = 30522
 TEMPERATURE = 2.0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NS = (1024, 4096) if harness.DEVICE == "cpu" else (4096, 16384)
-CUDA_IMPLS = [n for n in K.FWD_IMPLS if n.startswith("cuda")] if harness.DEVICE == "cuda" else []
-ARMS = ["eager", "compiled", "ours"] + [f"ours:{n}" for n in CUDA_IMPLS]
-
-
-def _inputs(N, dtype):
-    g = torch.Generator().manual_seed(0)
-    s = (4 * torch.randn(N, V, generator=g)).to(device=harness.DEVICE, dtype=DTYPES[dtype]).requires_grad_()
-    t = (4 * torch.randn(N, V, generator=g)).to(device=harness.DEVICE, dtype=DTYPES[dtype])
-    mask = torch.ones(N, dtype=torch.bool, device=harness.DEVICE)
-    mask[torch.randperm(N, generator=g)[: N // 10].to(harness.DEVICE)] = False  # ~10% padding rows
-    return s, t, mask
+ARMS = harness.arms(K.FWD_IMPLS)
 
 
 def make_step(arm, N, dtype):
     """A zero-argument callable running one fwd+bwd of `arm` on fixed inputs."""
-    s, t, mask = _inputs(N, dtype)
-    if arm == "eager":
-        loss_fn = K.kd_loss_ref
-    elif arm == "compiled":
-        loss_fn = torch.compile(K.kd_loss_ref)
-    else:
-        loss_fn = fastdistil.kd_loss
-    impl = arm.split(":", 1)[1] if arm.startswith("ours:") else None  # "ours:cuda_cpp": force that kernel
-
-    def step():
-        with backend.force_cuda_impl(impl):
-            loss = loss_fn(s, t, TEMPERATURE, mask)
-            loss.backward()
-        s.grad = None
-        harness.sync()
-
-    return step
+    g = torch.Generator().manual_seed(0)
+    s = (4 * torch.randn(N, V, generator=g)).to(device=harness.DEVICE, dtype=DTYPES[dtype]).requires_grad_()
+    t = (4 * torch.randn(N, V, generator=g)).to(device=harness.DEVICE, dtype=DTYPES[dtype])
+    mask = harness.padding_mask(N, g)
+    return harness.loss_step(arm, K.kd_loss_ref, fastdistil.kd_loss, lambda fn: fn(s, t, TEMPERATURE, mask), s)
 
 
 OP = "kd_loss"

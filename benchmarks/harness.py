@@ -49,6 +49,43 @@ def measure_bandwidth_gbs(mbytes: int = 512, allocations: int = 4, repeats: int 
     return 2 * n * 4 / best / 1e9
 
 
+def arms(impls: dict) -> list[str]:
+    """The arms of an op's benchmark: the eager baseline, torch.compile of it, ours (the wiring's choice),
+    and on CUDA ours with each CUDA implementation forced ("ours:cuda_cpp", "ours:cuda_triton")."""
+    forced = [f"ours:{name}" for name in impls if name.startswith("cuda")] if DEVICE == "cuda" else []
+    return ["eager", "compiled", "ours", *forced]
+
+
+def padding_mask(N: int, generator: torch.Generator) -> torch.Tensor:
+    """(N,) bool with ~10% of rows False, like the attention mask of a padded batch."""
+    mask = torch.ones(N, dtype=torch.bool)
+    mask[torch.randperm(N, generator=generator)[: N // 10]] = False
+    return mask.to(DEVICE)
+
+
+def loss_step(arm: str, reference, ours, run_loss, grad_of: torch.Tensor):
+    """A zero-argument fwd+bwd step for `arm`: run_loss(loss_fn) must return the loss; the loss function is
+    `reference` (eager), torch.compile(reference) (compiled) or `ours` (with "ours:IMPL" forcing that CUDA
+    kernel). The gradient of `grad_of` is dropped after each step, as an optimizer's zero_grad would."""
+    from fastdistil import backend
+
+    if arm == "eager":
+        loss_fn = reference
+    elif arm == "compiled":
+        loss_fn = torch.compile(reference)
+    else:
+        loss_fn = ours
+    impl = arm.split(":", 1)[1] if arm.startswith("ours:") else None
+
+    def step():
+        with backend.force_cuda_impl(impl):
+            run_loss(loss_fn).backward()
+        grad_of.grad = None
+        sync()
+
+    return step
+
+
 def peak_memory_delta(bench_module: str, case: dict) -> int:
     """Bytes one step of `case` adds at its peak, measured in a fresh process (CPU) or in-process (CUDA)."""
     if DEVICE == "cuda":
