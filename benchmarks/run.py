@@ -18,7 +18,7 @@ def main() -> None:
     ops = sorted(f[len("bench_") : -3] for f in os.listdir(HERE) if f.startswith("bench_") and f.endswith(".py"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ops", nargs="*", metavar="OP", help=f"one of {ops} (default: all)")
-    parser.add_argument("--out", default=f"{harness.DEVICE}.json", help="file name under benchmarks/results/")
+    parser.add_argument("--out", default=f"{harness.DEVICE}-latest.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
     unknown = sorted(set(args.ops) - set(ops))
     if unknown:
