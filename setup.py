@@ -27,11 +27,13 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.getenv("FASTDISTIL_DEBUG", "0") == "1"
 CPU_ARCH = os.getenv("FASTDISTIL_CPU_ARCH", "native")
 _cuda_env = os.getenv("FASTDISTIL_WITH_CUDA", "auto").lower()
-_cuda_possible = CUDA_HOME is not None and torch.version.cuda is not None
+_nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+_cuda_possible = _nvcc is not None and os.path.exists(_nvcc) and torch.version.cuda is not None
 if _cuda_env in ("1", "true", "yes"):
     if not _cuda_possible:
         raise RuntimeError(
-            f"FASTDISTIL_WITH_CUDA=1 but CUDA_HOME={CUDA_HOME!r} and torch.version.cuda={torch.version.cuda!r}: "
+            f"FASTDISTIL_WITH_CUDA=1 but nvcc is not at {_nvcc!r} (CUDA_HOME={CUDA_HOME!r}) or torch is not a CUDA "
+            f"build (torch.version.cuda={torch.version.cuda!r}): "
             "install a CUDA build of torch and set CUDA_HOME to the toolkit (e.g. /usr/local/cuda)"
         )
     WITH_CUDA = True
