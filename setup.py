@@ -16,6 +16,7 @@ exact torch release (install_requires) and the built _C records the full torch v
 fastdistil with any other torch refuses to load _C and says to rebuild (fastdistil/backend.py).
 --no-build-isolation is what makes "the torch installed now" the torch it is built against.
 """
+
 import glob
 import os
 

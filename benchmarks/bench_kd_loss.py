@@ -61,6 +61,7 @@ def _ratio_target(other, factor):
             return False, "not measured"
         ratio = base.median_ms / ours.median_ms
         return ratio >= factor, f"{ratio:.1f}x ({base.median_ms:.0f} ms vs {ours.median_ms:.0f} ms)"
+
     return check
 
 

@@ -101,7 +101,10 @@ def peak_memory_delta(bench_module: str, case: dict) -> int:
         return torch.cuda.max_memory_allocated() - base
     r = subprocess.run(
         [sys.executable, "-m", "benchmarks.memprobe", bench_module, json.dumps(case)],
-        capture_output=True, text=True, cwd=ROOT, timeout=1800,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1800,
     )
     if r.returncode != 0:
         raise RuntimeError(f"memory probe failed for {bench_module} {case}:\n{r.stderr[-3000:]}")
@@ -158,8 +161,14 @@ def run(module, case: dict, benchmark=None) -> Row:
     else:
         median_s = time_step(step, module.rounds(case))
     del step
-    row = Row(module.OP, case["arm"], {k: v for k, v in case.items() if k != "arm"}, median_s * 1e3,
-              peak_memory_delta(module.__name__, case), module.bytes_moved(case))
+    row = Row(
+        module.OP,
+        case["arm"],
+        {k: v for k, v in case.items() if k != "arm"},
+        median_s * 1e3,
+        peak_memory_delta(module.__name__, case),
+        module.bytes_moved(case),
+    )
     if benchmark is not None:
         benchmark.extra_info.update(median_ms=row.median_ms, peak_delta_mb=row.peak_delta_bytes / 2**20, gbs=row.gbs)
     ROWS.append(row)
@@ -194,14 +203,14 @@ def report(targets: dict, out_name: str | None = None) -> str:
         by_arm = {r.arm: r for r in rows}
         eager, compiled = by_arm.get("eager"), by_arm.get("compiled")
         lines.append(f"\n{op}  {key}")
-        lines.append(f"  {'arm':22s} {'median ms':>10s} {'vs eager':>9s} {'vs compiled':>12s} {'peak MB':>9s} {'GB/s':>7s} {'% ceiling':>9s}")
+        header = ("arm", "median ms", "vs eager", "vs compiled", "peak MB", "GB/s", "% ceiling")
+        lines.append("  {:22s} {:>10s} {:>9s} {:>12s} {:>9s} {:>7s} {:>9s}".format(*header))
         for r in rows:
             vs_e = f"{eager.median_ms / r.median_ms:8.2f}x" if eager else "-"
             vs_c = f"{compiled.median_ms / r.median_ms:11.2f}x" if compiled else "-"
             pct = f"{100 * r.gbs / ceiling:8.1f}%" if ceiling else "-"
-            lines.append(
-                f"  {r.arm:22s} {r.median_ms:10.2f} {vs_e:>9s} {vs_c:>12s} {r.peak_delta_bytes / 2**20:9.1f} {r.gbs:7.2f} {pct:>9s}"
-            )
+            mb = r.peak_delta_bytes / 2**20
+            lines.append(f"  {r.arm:22s} {r.median_ms:10.2f} {vs_e:>9s} {vs_c:>12s} {mb:9.1f} {r.gbs:7.2f} {pct:>9s}")
         for description, check in targets.get((op, key), []):
             ok, measured = check(by_arm, ceiling)
             verdicts.append(f"  [{'MET' if ok else 'MISSED'}] {op} {key}: {description}: {measured}")
@@ -214,8 +223,14 @@ def report(targets: dict, out_name: str | None = None) -> str:
         path = os.path.join(ROOT, "benchmarks", "results", out_name)
         with open(path, "w") as f:
             json.dump(
-                {"machine": machine(), "bandwidth_gbs": ceiling, "rows": [asdict(r) | {"gbs": r.gbs} for r in ROWS],
-                 "targets": verdicts, "table": text},
-                f, indent=1,
+                {
+                    "machine": machine(),
+                    "bandwidth_gbs": ceiling,
+                    "rows": [asdict(r) | {"gbs": r.gbs} for r in ROWS],
+                    "targets": verdicts,
+                    "table": text,
+                },
+                f,
+                indent=1,
             )
     return text

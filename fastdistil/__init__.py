@@ -4,8 +4,10 @@ Import order matters: backend loads the native extension (its C++ kernels regist
 ops), then ops defines the schemas, fakes, autograd and wiring of every op.
 """
 
-from fastdistil import backend  # noqa: F401  (1. loads _C)
-from fastdistil import ops  # noqa: F401  (2. every op and its wiring)
+from fastdistil import (
+    backend,  # noqa: F401  (1. loads _C)
+    ops,  # noqa: F401  (2. every op and its wiring)
+)
 from fastdistil.nn import CosineLoss, KDLoss
 from fastdistil.ops import cosine_loss, kd_loss
 

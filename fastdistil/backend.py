@@ -139,7 +139,9 @@ def cuda_impl(op: str, impls: dict) -> str:
         if forced not in impls:
             raise ValueError(f"FASTDISTIL_CUDA_IMPL={forced!r} is not an implementation of {op}: {sorted(impls)}")
         if forced not in available:
-            raise RuntimeError(f"FASTDISTIL_CUDA_IMPL={forced!r} is not available here ({NATIVE_PROBLEM or 'see README'})")
+            raise RuntimeError(
+                f"FASTDISTIL_CUDA_IMPL={forced!r} is not available here ({NATIVE_PROBLEM or 'see README'})"
+            )
         return forced
     preference = CUDA_PREFERENCE[op]
     for name in preference:

@@ -13,7 +13,6 @@ import triton.language as tl
 from fastdistil.kernels._common import device_ctx, load_row_pair, mask_arg
 
 
-
 @triton.jit
 def _cosine_loss_fwd_kernel(
     s_ptr, t_ptr, mask_ptr, loss_ptr, stats_ptr, stride_row, H, HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr
@@ -32,8 +31,19 @@ def _cosine_loss_fwd_kernel(
 
 @triton.jit
 def _cosine_loss_bwd_kernel(
-    grad_loss_ptr, s_ptr, t_ptr, stats_ptr, mask_ptr, gs_ptr, gt_ptr, stride_row, H,
-    HAS_MASK: tl.constexpr, STUDENT_GRAD: tl.constexpr, TEACHER_GRAD: tl.constexpr, BLOCK_H: tl.constexpr,
+    grad_loss_ptr,
+    s_ptr,
+    t_ptr,
+    stats_ptr,
+    mask_ptr,
+    gs_ptr,
+    gt_ptr,
+    stride_row,
+    H,
+    HAS_MASK: tl.constexpr,
+    STUDENT_GRAD: tl.constexpr,
+    TEACHER_GRAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s, t, keep, cols, valid = load_row_pair(s_ptr, t_ptr, mask_ptr, row, stride_row, H, HAS_MASK, BLOCK_H)
@@ -66,12 +76,15 @@ def cosine_loss_fwd(student_hidden, teacher_hidden, row_mask=None):
     mask, has_mask = mask_arg(row_mask, s)
     if N > 0:
         with device_ctx(s):
-            _cosine_loss_fwd_kernel[(N,)](s, t, mask, loss, stats, s.stride(0), H, HAS_MASK=has_mask, BLOCK_H=_block_h(H))
+            _cosine_loss_fwd_kernel[(N,)](
+                s, t, mask, loss, stats, s.stride(0), H, HAS_MASK=has_mask, BLOCK_H=_block_h(H)
+            )
     return loss, stats
 
 
-def cosine_loss_bwd(grad_loss, student_hidden, teacher_hidden, stats, row_mask=None, student_grad=True,
-                    teacher_grad=True):
+def cosine_loss_bwd(
+    grad_loss, student_hidden, teacher_hidden, stats, row_mask=None, student_grad=True, teacher_grad=True
+):
     """-> (grad wrt student_hidden, grad wrt teacher_hidden), each (N, H) in the inputs' dtype, or (0,)
     for a side whose flag is False."""
     s, t = student_hidden.contiguous(), teacher_hidden.contiguous()
@@ -82,8 +95,18 @@ def cosine_loss_bwd(grad_loss, student_hidden, teacher_hidden, stats, row_mask=N
     if N > 0:
         with device_ctx(s):
             _cosine_loss_bwd_kernel[(N,)](
-                grad_loss.float().contiguous(), s, t, stats.float().contiguous(), mask,
-                grad_s if student_grad else s, grad_t if teacher_grad else t, s.stride(0), H,
-                HAS_MASK=has_mask, STUDENT_GRAD=student_grad, TEACHER_GRAD=teacher_grad, BLOCK_H=_block_h(H),
+                grad_loss.float().contiguous(),
+                s,
+                t,
+                stats.float().contiguous(),
+                mask,
+                grad_s if student_grad else s,
+                grad_t if teacher_grad else t,
+                s.stride(0),
+                H,
+                HAS_MASK=has_mask,
+                STUDENT_GRAD=student_grad,
+                TEACHER_GRAD=teacher_grad,
+                BLOCK_H=_block_h(H),
             )
     return grad_s, grad_t

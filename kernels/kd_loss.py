@@ -18,12 +18,17 @@ from fastdistil.kernels._common import device_ctx, mask_arg
 
 @triton.jit
 def _kd_loss_fwd_kernel(
-    s_ptr, t_ptr,  # (N, V) student / teacher logits, rows contiguous
+    s_ptr,
+    t_ptr,  # (N, V) student / teacher logits, rows contiguous
     mask_ptr,  # (N,) bool as uint8, read only when HAS_MASK
     loss_ptr,  # (N,) fp32
     grad_ptr,  # (N, V) like s, written only when WITH_GRAD
-    stride_row, V, inv_temperature,
-    HAS_MASK: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    stride_row,
+    V,
+    inv_temperature,
+    HAS_MASK: tl.constexpr,
+    WITH_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 once N * V does
     keep = True
@@ -92,8 +97,17 @@ def kd_loss_fwd(student_logits, teacher_logits, temperature, row_mask=None, with
     if N > 0:
         with device_ctx(s):
             _kd_loss_fwd_kernel[(N,)](
-                s, t, mask, loss, grad if with_grad else s, s.stride(0), V, 1.0 / temperature,
-                HAS_MASK=has_mask, WITH_GRAD=with_grad, BLOCK_V=BLOCK_V,
+                s,
+                t,
+                mask,
+                loss,
+                grad if with_grad else s,
+                s.stride(0),
+                V,
+                1.0 / temperature,
+                HAS_MASK=has_mask,
+                WITH_GRAD=with_grad,
+                BLOCK_V=BLOCK_V,
             )
     return loss, grad
 

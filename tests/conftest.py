@@ -64,7 +64,9 @@ def assert_close_3way(out, oracle, torch_lowp, *, factor=2.0, atol=1e-6, rtol=1e
     ours = (o - r).abs().max().item()
     torchs = (lp - r).abs().max().item()
     bound = factor * torchs + atol + rtol * r.abs().max().item()
-    assert ours <= bound, f"{what}: max |ours - ref64| = {ours:.3e} > {bound:.3e} (torch in low precision: {torchs:.3e})"
+    assert ours <= bound, (
+        f"{what}: max |ours - ref64| = {ours:.3e} > {bound:.3e} (torch in low precision: {torchs:.3e})"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -85,4 +87,6 @@ def pytest_runtest_makereport(item, call):
     if report.failed and call.when == "call":
         seeds = [v for k, v in item.user_properties if k == "seed"]
         if seeds:
-            report.sections.append(("seed", f"torch.manual_seed({seeds[0]}); rerun with FASTDISTIL_TEST_SEED={seeds[0]}"))
+            report.sections.append(
+                ("seed", f"torch.manual_seed({seeds[0]}); rerun with FASTDISTIL_TEST_SEED={seeds[0]}")
+            )

@@ -41,11 +41,11 @@ def check_mask(mask, leading_shape: torch.Size, device: torch.device, what: str)
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        raise TypeError(f"mask must have dtype torch.bool (True = row counts), got {mask.dtype}")
-    if mask.shape != leading_shape:
-        raise ValueError(
-            f"mask must have the leading shape of {what}, {tuple(leading_shape)}, got {tuple(mask.shape)}"
+        raise TypeError(
+            f"mask must have dtype torch.bool (True = the row counts; e.g. attention_mask.bool()), got {mask.dtype}"
         )
+    if mask.shape != leading_shape:
+        raise ValueError(f"mask must have the leading shape of {what}, {tuple(leading_shape)}, got {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"mask must be on {device} like {what}, got {mask.device}")
 

@@ -46,8 +46,9 @@ def cosine_loss_fwd_ref(student_hidden, teacher_hidden, row_mask=None, compute_d
     return loss, stats
 
 
-def cosine_loss_bwd_ref(grad_loss, student_hidden, teacher_hidden, stats, row_mask=None, student_grad=True,
-                        teacher_grad=True):
+def cosine_loss_bwd_ref(
+    grad_loss, student_hidden, teacher_hidden, stats, row_mask=None, student_grad=True, teacher_grad=True
+):
     """(d/d student_hidden, d/d teacher_hidden) of sum_i grad_loss[i] * loss[i], in the inputs' dtype; an
     empty (0,) tensor for a side whose flag is False."""
     acc = torch.promote_types(student_hidden.dtype, torch.float32)
@@ -161,7 +162,9 @@ def cosine_loss(
     check_mask(mask, leading, student_hidden.device, "the hidden states")
     H = student_hidden.shape[-1]
     row_mask = None if mask is None else mask.reshape(-1)
-    loss, _ = torch.ops.fastdistil.cosine_loss_fwd(student_hidden.reshape(-1, H), teacher_hidden.reshape(-1, H), row_mask)
+    loss, _ = torch.ops.fastdistil.cosine_loss_fwd(
+        student_hidden.reshape(-1, H), teacher_hidden.reshape(-1, H), row_mask
+    )
     return reduce_rows(loss, row_mask, reduction, leading)
 
 

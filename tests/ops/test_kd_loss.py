@@ -143,7 +143,10 @@ def test_matches_distilbert_formulation_with_attention_mask(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_reductions_and_scale(device):
-    s, t = _logits(4 * 5, 77, device, torch.float32).view(4, 5, 77), _logits(20, 77, device, torch.float32).view(4, 5, 77)
+    s, t = (
+        _logits(4 * 5, 77, device, torch.float32).view(4, 5, 77),
+        _logits(20, 77, device, torch.float32).view(4, 5, 77),
+    )
     mask = torch.rand(4, 5, device=device) > 0.3
     rows = fastdistil.kd_loss(s, t, 2.0, mask, reduction="none")
     assert rows.shape == (4, 5) and torch.equal(rows[~mask], torch.zeros_like(rows[~mask]))
