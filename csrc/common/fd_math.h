@@ -114,11 +114,14 @@ FD_HD KdTeacher<T> kd_teacher_merge(KdTeacher<T> a, T block_m, T block_d, T bloc
   return {m, a.d * ca + block_d * cb, a.w * ca + block_w * cb};
 }
 
+template <typename T>
+FD_HD T lse_value(KdTeacher<T> a) { return a.m + fd_log(a.d); }
+
 // The row's KL from the one-pass statistics. KL >= 0 in exact math; the one-pass form can come out a
 // few ulp below 0 when p ~= q, so clamp (NaN compares false and passes through).
 template <typename T>
 FD_HD T kd_row_loss(KdTeacher<T> teacher, OnlineLse<T> student) {
-  const T kl = teacher.w / teacher.d - (teacher.m + fd_log(teacher.d)) + lse_value(student);
+  const T kl = teacher.w / teacher.d - lse_value(teacher) + lse_value(student);
   return kl < T(0) ? T(0) : kl;
 }
 

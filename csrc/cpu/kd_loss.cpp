@@ -138,7 +138,7 @@ float kd_row(const scalar_t* s_row, const scalar_t* t_row, int64_t V, float inv_
     }
   }
   *lse_s = lse_value(student);
-  *lse_t = teacher.m + fd_log(teacher.d);
+  *lse_t = lse_value(teacher);
   return kd_row_loss(teacher, student);
 }
 
@@ -156,7 +156,7 @@ double kd_row_f64(const scalar_t* s, const scalar_t* t, scalar_t* g, int64_t V, 
     teacher = kd_teacher_merge(teacher, rt, e_t, kd_weighted_term(e_t, sv, tv, inv_temperature, -(double)INFINITY, 0.0));
   }
   if (g != nullptr) {
-    const double lse_s = lse_value(student), lse_t = teacher.m + fd_log(teacher.d);
+    const double lse_s = lse_value(student), lse_t = lse_value(teacher);
     for (int64_t v = 0; v < V; ++v)
       g[v] = scalar_t(kd_grad(double(s[v]), double(t[v]), inv_temperature, lse_s, lse_t, inv_temperature));
   }

@@ -67,7 +67,7 @@ __global__ void kd_loss_fwd_kernel(const scalar_t* __restrict__ s_ptr, const sca
   if (threadIdx.x == 0) loss_ptr[row] = kd_row_loss(teacher, student);
   if constexpr (kWithGrad) {
     // Second sweep over the row (mostly from L2): d KL / d s = (q - p) / T.
-    const float lse_s = lse_value(student), lse_t = teacher.m + fd_log(teacher.d);
+    const float lse_s = lse_value(student), lse_t = lse_value(teacher);
     scalar_t* g_row = grad_ptr + row * V;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
       g_row[v] = static_cast<scalar_t>(kd_grad(static_cast<float>(s_row[v]), static_cast<float>(t_row[v]),
