@@ -4,7 +4,7 @@
 
 Loads the native extension fastdistil._C (csrc/), refusing one that was built against another torch,
 and records which implementation fills each device slot of every public op. The op files in
-fastdistil/ops/ decide the wiring in one visible block each, through register() below.
+fastdistil/ops/ decide the wiring in one visible line each, through wire() below.
 
 CUDA slot: each op lists its CUDA implementations in order of preference (CUDA_PREFERENCE); the first
 one available here is used. FASTDISTIL_CUDA_IMPL=cuda_cpp|cuda_triton|reference forces one (any key of
@@ -151,6 +151,29 @@ def cuda_impl(op: str, impls: dict) -> str:
             return name
     _warn_once(f"cuda:{op}", f"fastdistil: no CUDA kernel for {op} is available; running the pure-PyTorch reference.")
     return "reference"
+
+
+def wire(op: str, fwd_impls: dict, bwd_impls: dict, cuda_preference: tuple[str, ...]) -> None:
+    """Fill the CPU and CUDA slots of fastdistil::<op>_fwd and fastdistil::<op>_bwd from the op's tables.
+
+    CPU: the C++ kernel, or the reference (warned) when _C is missing; decided once, here. CUDA: the first of
+    `cuda_preference` available here (or FASTDISTIL_CUDA_IMPL / force_cuda_impl), resolved at each call."""
+    CUDA_PREFERENCE[op] = cuda_preference
+    cpu = cpu_impl(op, fwd_impls)
+
+    def cuda_name() -> str:
+        return cuda_impl(op, fwd_impls)
+
+    def fwd_cuda(*args):
+        return fwd_impls[cuda_name()](*args)
+
+    def bwd_cuda(*args):
+        return bwd_impls[cuda_name()](*args)
+
+    for direction, impls, on_cuda in (("fwd", fwd_impls, fwd_cuda), ("bwd", bwd_impls, bwd_cuda)):
+        register(
+            f"fastdistil::{op}_{direction}", cpu=impls[cpu], cuda=on_cuda, cpu_name=lambda: cpu, cuda_name=cuda_name
+        )
 
 
 def register(op: str, *, cpu, cuda, cpu_name, cuda_name) -> None:

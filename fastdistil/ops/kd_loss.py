@@ -231,25 +231,5 @@ if triton_kd_loss is not None:
     FWD_IMPLS["cuda_triton"] = triton_kd_loss.kd_loss_fwd  # kernels/kd_loss.py
     BWD_IMPLS["cuda_triton"] = triton_kd_loss.kd_loss_bwd
 
-backend.CUDA_PREFERENCE["kd_loss"] = ("cuda_triton", "cuda_cpp")
-_CPU = backend.cpu_impl("kd_loss", FWD_IMPLS)  # "cpu_cpp", or "reference" (warned) when _C is missing
-
-
-def _cuda_name() -> str:
-    return backend.cuda_impl("kd_loss", FWD_IMPLS)
-
-
-def _fwd_cuda(*args):
-    return FWD_IMPLS[_cuda_name()](*args)
-
-
-def _bwd_cuda(*args):
-    return BWD_IMPLS[_cuda_name()](*args)
-
-
-backend.register(
-    "fastdistil::kd_loss_fwd", cpu=FWD_IMPLS[_CPU], cuda=_fwd_cuda, cpu_name=lambda: _CPU, cuda_name=_cuda_name
-)
-backend.register(
-    "fastdistil::kd_loss_bwd", cpu=BWD_IMPLS[_CPU], cuda=_bwd_cuda, cpu_name=lambda: _CPU, cuda_name=_cuda_name
-)
+# CPU: the C++ kernel ("reference", warned, when _C is missing). CUDA: Triton first, then CUDA C++.
+backend.wire("kd_loss", FWD_IMPLS, BWD_IMPLS, cuda_preference=("cuda_triton", "cuda_cpp"))
