@@ -49,6 +49,25 @@ def measure_bandwidth_gbs(mbytes: int = 512, allocations: int = 4, repeats: int 
     return 2 * n * 4 / best / 1e9
 
 
+def measure_gemm_gflops(dtype: torch.dtype = torch.float32, m: int = 1024, k: int = 768, n: int = 30522) -> float:
+    """Best GFLOP/s of one (m, k) @ (k, n) matmul in `dtype` on this machine (BERT's vocabulary projection
+    shape): the ceiling of GEMM-bound work. Cached per dtype for the session."""
+    key = f"gemm_gflops_{dtype}"
+    if key not in STATE:
+        a = torch.randn(m, k, device=DEVICE).to(dtype)
+        b = torch.randn(k, n, device=DEVICE).to(dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(3):
+            sync()
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            best = min(best, time.perf_counter() - t0)
+        STATE[key] = 2 * m * k * n / best / 1e9
+    return STATE[key]
+
+
 def arms(impls: dict) -> list[str]:
     """The arms of an op's benchmark: the eager baseline, torch.compile of it, ours (the wiring's choice),
     and on CUDA ours with each CUDA implementation forced ("ours:cuda_cpp", "ours:cuda_triton")."""
@@ -152,11 +171,12 @@ def time_step(step, rounds: int) -> float:
 def run(module, case: dict, benchmark=None) -> Row:
     """Time one case of a bench module (pytest-benchmark's fixture when given), measure its peak memory
     delta, and record the row. A bench module defines OP, CASES, make_step(**case), bytes_moved(case)
-    and rounds(case)."""
+    and rounds(case); compute-bound ops also flops(case) and gemm_dtype(case), and are then reported in
+    GFLOP/s against the machine's GEMM ceiling instead of GB/s."""
     step = module.make_step(**case)
     if benchmark is not None:
         step()  # warm-up (compilation, first-touch)
-        benchmark.pedantic(step, rounds=module.rounds(case), iterations=1, warmup_rounds=1)
+        benchmark.pedantic(step, rounds=module.rounds(case), iterations=1, warmup_rounds=0)
         median_s = benchmark.stats.stats.median
     else:
         median_s = time_step(step, module.rounds(case))
@@ -169,6 +189,11 @@ def run(module, case: dict, benchmark=None) -> Row:
         peak_memory_delta(module.__name__, case),
         module.bytes_moved(case),
     )
+    if hasattr(module, "tokens"):  # whole training steps: tokens/s
+        row.extra["tokens_per_s"] = module.tokens(case) / median_s
+    if hasattr(module, "flops"):
+        row.extra["gflops"] = module.flops(case) / median_s / 1e9
+        row.extra["gemm_ceiling_gflops"] = measure_gemm_gflops(module.gemm_dtype(case))
     if benchmark is not None:
         benchmark.extra_info.update(median_ms=row.median_ms, peak_delta_mb=row.peak_delta_bytes / 2**20, gbs=row.gbs)
     ROWS.append(row)
@@ -203,14 +228,25 @@ def report(targets: dict, out_name: str | None = None) -> str:
         by_arm = {r.arm: r for r in rows}
         eager, compiled = by_arm.get("eager"), by_arm.get("compiled")
         lines.append(f"\n{op}  {key}")
-        header = ("arm", "median ms", "vs eager", "vs compiled", "peak MB", "GB/s", "% ceiling")
+        rate_columns = ("GB/s", "% ceiling")  # memory-bound ops: against the copy bandwidth
+        if "gflops" in rows[0].extra:  # compute-bound: GFLOP/s against the GEMM ceiling
+            rate_columns = ("GFLOP/s", "% GEMM")
+        elif "tokens_per_s" in rows[0].extra:  # whole training steps
+            rate_columns = ("tok/s", "")
+        header = ("arm", "median ms", "vs eager", "vs compiled", "peak MB", *rate_columns)
         lines.append("  {:22s} {:>10s} {:>9s} {:>12s} {:>9s} {:>7s} {:>9s}".format(*header))
         for r in rows:
             vs_e = f"{eager.median_ms / r.median_ms:8.2f}x" if eager else "-"
             vs_c = f"{compiled.median_ms / r.median_ms:11.2f}x" if compiled else "-"
-            pct = f"{100 * r.gbs / ceiling:8.1f}%" if ceiling else "-"
+            if "gflops" in r.extra:
+                rate, top = r.extra["gflops"], r.extra["gemm_ceiling_gflops"]
+            elif "tokens_per_s" in r.extra:
+                rate, top = r.extra["tokens_per_s"], None
+            else:
+                rate, top = r.gbs, ceiling
+            pct = f"{100 * rate / top:8.1f}%" if top else "-"
             mb = r.peak_delta_bytes / 2**20
-            lines.append(f"  {r.arm:22s} {r.median_ms:10.2f} {vs_e:>9s} {vs_c:>12s} {mb:9.1f} {r.gbs:7.2f} {pct:>9s}")
+            lines.append(f"  {r.arm:22s} {r.median_ms:10.2f} {vs_e:>9s} {vs_c:>12s} {mb:9.1f} {rate:7.2f} {pct:>9s}")
         for description, check in targets.get((op, key), []):
             ok, measured = check(by_arm, ceiling)
             verdicts.append(f"  [{'MET' if ok else 'MISSED'}] {op} {key}: {description}: {measured}")

@@ -153,27 +153,26 @@ def cuda_impl(op: str, impls: dict) -> str:
     return "reference"
 
 
-def wire(op: str, fwd_impls: dict, bwd_impls: dict, cuda_preference: tuple[str, ...]) -> None:
-    """Fill the CPU and CUDA slots of fastdistil::<op>_fwd and fastdistil::<op>_bwd from the op's tables.
+def wire(op: str, tables: dict[str, dict], cuda_preference: tuple[str, ...]) -> None:
+    """Fill the CPU and CUDA slots of every public op of `op` from its implementation tables:
+    tables = {"kd_loss_fwd": FWD_IMPLS, "kd_loss_bwd": BWD_IMPLS} fills fastdistil::kd_loss_fwd and _bwd.
+    All tables share their keys ("reference", "cpu_cpp", "cuda_cpp", "cuda_triton").
 
     CPU: the C++ kernel, or the reference (warned) when _C is missing; decided once, here. CUDA: the first of
     `cuda_preference` available here (or FASTDISTIL_CUDA_IMPL / force_cuda_impl), resolved at each call."""
     CUDA_PREFERENCE[op] = cuda_preference
-    cpu = cpu_impl(op, fwd_impls)
+    first = next(iter(tables.values()))
+    cpu = cpu_impl(op, first)
 
     def cuda_name() -> str:
-        return cuda_impl(op, fwd_impls)
+        return cuda_impl(op, first)
 
-    def fwd_cuda(*args):
-        return fwd_impls[cuda_name()](*args)
+    for public, impls in tables.items():
 
-    def bwd_cuda(*args):
-        return bwd_impls[cuda_name()](*args)
+        def on_cuda(*args, _impls=impls):
+            return _impls[cuda_name()](*args)
 
-    for direction, impls, on_cuda in (("fwd", fwd_impls, fwd_cuda), ("bwd", bwd_impls, bwd_cuda)):
-        register(
-            f"fastdistil::{op}_{direction}", cpu=impls[cpu], cuda=on_cuda, cpu_name=lambda: cpu, cuda_name=cuda_name
-        )
+        register(f"fastdistil::{public}", cpu=impls[cpu], cuda=on_cuda, cpu_name=lambda: cpu, cuda_name=cuda_name)
 
 
 def register(op: str, *, cpu, cuda, cpu_name, cuda_name) -> None:

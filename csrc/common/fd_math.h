@@ -161,4 +161,24 @@ FD_HD F cosine_grad(F self, F other, F coef_self, F coef_other) {
   return self * coef_self + other * coef_other;
 }
 
+// ---------------------------------------------------------------------------------------------
+// distill_head epilogue (fastdistil/ops/distill_head.py). One row of a chunk of student logits s and
+// teacher logits t (the output of the two vocabulary projections) yields
+//   kl = KL(softmax(t/T) || softmax(s/T))    (kd_row_loss above; rows of the KL row set only)
+//   ce = logsumexp(s) - s[label]             (cross-entropy at T = 1; labelled rows only)
+// and the gradient wrt s of the weighted objective alpha_ce * loss_ce + alpha_mlm * loss_mlm, with the
+// caller's per-row coefficients (kl_c = alpha_ce * T / |R_kl| or 0, mlm_c = alpha_mlm / |R_mlm| or 0;
+// d (T^2 KL) / d s = T (q - p)):
+//   g_v = kl_c * (q_v - p_v) + mlm_c * (r_v - [v == label]),   q = softmax(s/T), p = softmax(t/T), r = softmax(s)
+// The one-hot term is applied once per row by the caller (it touches a single element).
+template <typename F>
+FD_HD F head_grad(F q, F p, F r, F kl_c, F mlm_c) {
+  return kl_c * (q - p) + mlm_c * r;
+}
+
+template <typename T>
+FD_HD T ce_row_loss(OnlineLse<T> student_t1, T s_label) {
+  return lse_value(student_t1) - s_label;
+}
+
 }  // namespace fastdistil

@@ -1,7 +1,8 @@
 """Public ops. Each file in this folder states one op completely (reference, schema, fake, autograd,
 public function, wiring).
 
-The public functions share their names with their files (fastdistil.ops.kd_loss is the function);
+The public functions share their names with their files (fastdistil.ops.kd_loss is the function; the
+head's is fused_distill_head, in distill_head.py);
 op_module("kd_loss") returns the file's module, with its references and *_IMPLS tables.
 """
 
@@ -9,11 +10,12 @@ import importlib
 from types import ModuleType
 
 from fastdistil.ops.cosine_loss import cosine_loss
+from fastdistil.ops.distill_head import fused_distill_head
 from fastdistil.ops.kd_loss import kd_loss
 
-OPS = ("kd_loss", "cosine_loss")
+OPS = ("kd_loss", "cosine_loss", "distill_head")
 
-__all__ = ["OPS", "cosine_loss", "kd_loss", "op_module"]
+__all__ = ["OPS", "cosine_loss", "fused_distill_head", "kd_loss", "op_module"]
 
 
 def op_module(name: str) -> ModuleType:

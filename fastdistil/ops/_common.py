@@ -78,3 +78,9 @@ def reduce_rows(per_row: Tensor, row_mask: Tensor | None, reduction: str, leadin
     if row_mask is None:
         return total / max(per_row.shape[0], 1)
     return total / row_mask.sum().clamp_min(1).to(total.dtype)
+
+
+def is_eager(t: Tensor) -> bool:
+    """True for a plain tensor outside any tracing (torch.compile, opcheck, fake tensors): where a backward may
+    mutate saved buffers or read a value on the host."""
+    return type(t) is Tensor and torch._C._len_torch_dispatch_stack() == 0

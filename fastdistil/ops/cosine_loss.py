@@ -186,4 +186,8 @@ if triton_cosine_loss is not None:
     BWD_IMPLS["cuda_triton"] = triton_cosine_loss.cosine_loss_bwd
 
 # CPU: the C++ kernel ("reference", warned, when _C is missing). CUDA: Triton first, then CUDA C++.
-backend.wire("cosine_loss", FWD_IMPLS, BWD_IMPLS, cuda_preference=("cuda_triton", "cuda_cpp"))
+backend.wire(
+    "cosine_loss",
+    {"cosine_loss_fwd": FWD_IMPLS, "cosine_loss_bwd": BWD_IMPLS},
+    cuda_preference=("cuda_triton", "cuda_cpp"),
+)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastdistil import backend
-from fastdistil.ops._common import check_mask, check_pair, check_reduction, check_temperature, reduce_rows
+from fastdistil.ops._common import check_mask, check_pair, check_reduction, check_temperature, is_eager, reduce_rows
 
 try:  # needs `triton`; absent on CPU-only installs
     from fastdistil.kernels import kd_loss as triton_kd_loss
@@ -147,10 +147,6 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _is_eager(t: Tensor) -> bool:
-    return type(t) is Tensor and torch._C._len_torch_dispatch_stack() == 0
-
-
 def _backward(ctx, grad_loss, _grad_of_grad_output):
     if not ctx.with_grad:
         raise RuntimeError(
@@ -158,7 +154,7 @@ def _backward(ctx, grad_loss, _grad_of_grad_output):
             "use fastdistil.ops.kd_loss(), which sets it"
         )
     (grad_logits,) = ctx.saved_tensors
-    if _is_eager(grad_logits):
+    if is_eager(grad_logits):
         torch.ops.fastdistil.kd_loss_bwd(grad_loss, grad_logits)
         # The dispatcher does not bump version counters for ops defined with torch.library.define: do it,
         # so that reusing this saved buffer (a second backward) fails loudly.
@@ -232,4 +228,6 @@ if triton_kd_loss is not None:
     BWD_IMPLS["cuda_triton"] = triton_kd_loss.kd_loss_bwd
 
 # CPU: the C++ kernel ("reference", warned, when _C is missing). CUDA: Triton first, then CUDA C++.
-backend.wire("kd_loss", FWD_IMPLS, BWD_IMPLS, cuda_preference=("cuda_triton", "cuda_cpp"))
+backend.wire(
+    "kd_loss", {"kd_loss_fwd": FWD_IMPLS, "kd_loss_bwd": BWD_IMPLS}, cuda_preference=("cuda_triton", "cuda_cpp")
+)

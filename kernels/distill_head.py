@@ -1,0 +1,130 @@
+"""Triton kernel for the distillation head's fused epilogue (spec: distill_epilogue_ref in
+fastdistil/ops/distill_head.py; the C++ kernels in csrc/ compute the same formulas).
+
+One program per row of a chunk of logits. Pass 1 over V in BLOCK_V blocks: online (max, sum of exp) of
+s/T and t/T with the p-weighted (t - s)/T sum (KL rows) and of s at T = 1 (labelled rows). Pass 2
+(WITH_GRAD): g = kl_c (q - p) + mlm_c (softmax(s) - onehot(label)) overwrites the student logits in place.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdistil.kernels._common import device_ctx, mask_arg
+
+
+@triton.jit
+def _online(m, d, x):
+    """Merge a block x into the online state (m, d); returns the new (m, d) and the reference used for
+    exp(x - ref) (0 while everything is -inf, so that -inf - -inf never makes a NaN)."""
+    new_m = tl.maximum(m, tl.max(x, 0))
+    ref = tl.where(new_m == -float("inf"), 0.0, new_m)
+    rescale = tl.exp(m - ref)
+    e = tl.exp(x - ref)
+    return new_m, d * rescale + tl.sum(e, 0), e, rescale
+
+
+@triton.jit
+def _distill_epilogue_kernel(
+    s_ptr,  # (N, V) student logits, overwritten with the gradient when WITH_GRAD
+    t_ptr,  # (N, V) teacher logits
+    rows_ptr,  # (N,) bool as uint8: the row is in the KL row set (read only when HAS_ROWS)
+    labels_ptr,  # (N,) int64, -100 = no label (read only when HAS_LABELS)
+    kl_coef_ptr,  # () fp32
+    mlm_coef_ptr,  # () fp32
+    kl_ptr,  # (N,) fp32 out
+    ce_ptr,  # (N,) fp32 out
+    stride_row,
+    V,
+    inv_temperature,
+    HAS_ROWS: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    WITH_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 once N * V does
+    in_kl = True
+    if HAS_ROWS:
+        in_kl = tl.load(rows_ptr + row) != 0
+    label = -100
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+    has_label = label >= 0
+    s_ptr += row * stride_row
+    t_ptr += row * stride_row
+    m_s = -float("inf")
+    d_s = 0.0
+    m_t = -float("inf")
+    d_t = 0.0
+    w = 0.0
+    m_1 = -float("inf")
+    d_1 = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        valid = cols < V
+        s_raw = tl.load(s_ptr + cols, mask=valid & (in_kl | has_label), other=-float("inf")).to(tl.float32)
+        t_raw = tl.load(t_ptr + cols, mask=valid & in_kl, other=-float("inf")).to(tl.float32)
+        s = tl.where(in_kl, s_raw, -float("inf")) * inv_temperature
+        t = t_raw * inv_temperature
+        m_s, d_s, _, _ = _online(m_s, d_s, s)
+        new_m_t, d_t, e_t, rescale = _online(m_t, d_t, t)
+        # p == 0 where t == -inf: contributes 0, not 0 * -inf.
+        w = w * rescale + tl.sum(tl.where(t == -float("inf"), 0.0, e_t * (t - s)), 0)
+        m_t = new_m_t
+        m_1, d_1, _, _ = _online(m_1, d_1, tl.where(has_label, s_raw, -float("inf")))
+    lse_s = m_s + tl.log(d_s)
+    lse_t = m_t + tl.log(d_t)
+    lse_1 = m_1 + tl.log(d_1)
+    kl = w / d_t - lse_t + lse_s
+    kl = tl.where(kl < 0, 0.0, kl)  # >= 0 in exact math; NaN passes through (the comparison is false)
+    tl.store(kl_ptr + row, tl.where(in_kl, kl, 0.0))
+    safe_label = tl.where(has_label, label, 0)
+    s_label = tl.load(s_ptr + safe_label).to(tl.float32)
+    tl.store(ce_ptr + row, tl.where(has_label, lse_1 - s_label, 0.0))
+    if WITH_GRAD:
+        kl_c = tl.where(in_kl, tl.load(kl_coef_ptr), 0.0)
+        mlm_c = tl.where(has_label, tl.load(mlm_coef_ptr), 0.0)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            valid = cols < V
+            s = tl.load(s_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+            t = tl.load(t_ptr + cols, mask=valid & in_kl, other=0.0).to(tl.float32)
+            q = tl.where(in_kl, tl.exp(s * inv_temperature - lse_s), 0.0)
+            p = tl.where(in_kl, tl.exp(t * inv_temperature - lse_t), 0.0)
+            r = tl.where(has_label, tl.exp(s - lse_1), 0.0)
+            g = kl_c * (q - p) + mlm_c * (r - tl.where(cols == label, 1.0, 0.0))
+            tl.store(s_ptr + cols, g.to(s_ptr.dtype.element_ty), mask=valid)
+
+
+def distill_epilogue(student_logits, teacher_logits, kl_rows, labels, kl_coef, mlm_coef, temperature, with_grad):
+    """Same contract as fastdistil::distill_epilogue (see distill_epilogue_ref)."""
+    s = student_logits
+    if not s.is_contiguous():
+        raise ValueError("student_logits must be contiguous (it is overwritten in place)")
+    t = teacher_logits.contiguous()
+    N, V = s.shape
+    kl = torch.empty(N, device=s.device, dtype=torch.float32)
+    ce = torch.empty(N, device=s.device, dtype=torch.float32)
+    rows, has_rows = mask_arg(kl_rows, s)
+    has_labels = labels is not None
+    BLOCK_V = min(triton.next_power_of_2(V), 4096)
+    if N > 0:
+        with device_ctx(s):
+            _distill_epilogue_kernel[(N,)](
+                s,
+                t,
+                rows,
+                labels.contiguous() if has_labels else s,
+                kl_coef.float().contiguous(),
+                mlm_coef.float().contiguous(),
+                kl,
+                ce,
+                s.stride(0),
+                V,
+                1.0 / temperature,
+                HAS_ROWS=has_rows,
+                HAS_LABELS=has_labels,
+                WITH_GRAD=with_grad,
+                BLOCK_V=BLOCK_V,
+            )
+    return kl, ce
