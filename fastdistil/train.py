@@ -1,0 +1,682 @@
+"""python -m fastdistil.train: distil a BERT-family teacher into a smaller student (the DistilBERT recipe).
+
+With no arguments it runs a real, small job that needs nothing beyond `pip install`: the pretrained
+all-MiniLM-L6-v2 sentence encoder (6 layers) is distilled into a 3-layer student initialised from its layers
+on the World English Bible, and the student's held-out embedding cosine to the teacher is reported before
+and after. Point it at an MLM teacher and a real corpus for the full recipe:
+
+    python -m fastdistil.train --teacher bert-base-uncased --data corpus.txt --dump_path out/
+
+Teachers with an MLM head (BertForMaskedLM, DistilBertForMaskedLM, ...) get loss_ce (KL at temperature over the
+vocabulary, through the fused streaming head), loss_mlm and loss_cos; encoders without one (sentence
+embedding models) get loss_cos on the last hidden states and optional MSE on the mean-pooled embeddings.
+Flags keep the names of DistilBERT's train.py. `--config FILE` (JSON or YAML) sets any of them; flags given
+on the command line win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastdistil import data as fd_data
+from fastdistil import models as fd_models
+
+EXIT_USAGE = 2
+
+
+class UsageError(ValueError):
+    """Bad flags or configuration (one line, exit code 2)."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fastdistil.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # only what the user typed overrides --config and the defaults
+    )
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="JSON or YAML file with any of these options (flags override it)")
+    g.add_argument("--dump_path", help="output directory (default: fastdistil-run)")
+    g.add_argument("--force", action="store_true", help="overwrite a dump_path that holds another run")
+    g.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
+    g.add_argument("--kernels", choices=["fused", "reference"], help="fused ops (default) or the pure-PyTorch baseline")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
+    g.add_argument("--seed", type=int, help="random seed (default 56)")
+    g.add_argument("--cache_dir", help="tokenised-data cache (default: $FASTDISTIL_CACHE or ~/.cache/fastdistil)")
+    g.add_argument("--num_proc", type=int, help="tokenisation processes (default: CPU count)")
+    g = p.add_argument_group("models")
+    g.add_argument("--teacher", help=f"checkpoint directory or hub name (default: {fd_models.BUILTIN_TEACHER})")
+    g.add_argument(
+        "--student_layers", help="teacher layers the student starts from, e.g. 0,2,4,7,9,11 (default: every other)"
+    )
+    g.add_argument("--student_config", help="config (file or directory) of a freshly initialised student")
+    g.add_argument("--student_pretrained", help="directory of a student checkpoint to start from")
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data",
+        help=f"text file, directory of text files, or datasets name[:config] (default: {fd_data.BUILTIN_CORPUS})",
+    )
+    g.add_argument("--max_seq_len", type=int, help="tokens per sequence, [CLS] and [SEP] included (default 128)")
+    g.add_argument("--min_seq_len", type=int, help="shorter sequences are dropped (default 12)")
+    g.add_argument("--eval_fraction", type=float, help="held-out share of the sequences (default 0.02, at most 2000)")
+    g = p.add_argument_group("objective (DistilBERT names)")
+    g.add_argument("--temperature", type=float, help="softmax temperature of loss_ce (default 2.0)")
+    g.add_argument("--alpha_ce", type=float, help="weight of the vocabulary KL (default 5.0 with an MLM head, else 0)")
+    g.add_argument("--alpha_mlm", type=float, help="weight of the MLM loss (default 2.0 with an MLM head, else 0)")
+    g.add_argument("--alpha_cos", type=float, help="weight of the hidden-state cosine loss (default 1.0)")
+    g.add_argument("--alpha_mse", type=float, help="weight of the MSE of mean-pooled embeddings (default 0.0)")
+    g.add_argument("--restrict_ce_to_mask", action="store_true", help="loss_ce on the masked tokens only")
+    g.add_argument("--mlm_mask_prop", type=float, help="share of tokens to predict (default 0.15)")
+    g.add_argument("--word_mask", type=float, help="of those: replaced by [MASK] (default 0.8)")
+    g.add_argument("--word_keep", type=float, help="kept (default 0.1)")
+    g.add_argument("--word_rand", type=float, help="replaced by a random token (default 0.1)")
+    g.add_argument("--mlm_smoothing", type=float, help="token-frequency smoothing exponent (default 0.7)")
+    g = p.add_argument_group("optimisation (DistilBERT names)")
+    g.add_argument("--n_epoch", type=int, help="epochs (default 1)")
+    g.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (default: n_epoch epochs)")
+    g.add_argument("--batch_size", type=int, help="sequences per forward pass (default 32)")
+    g.add_argument("--gradient_accumulation_steps", type=int, help="forward passes per optimizer step (default 1)")
+    g.add_argument("--learning_rate", type=float, help="peak AdamW learning rate (default 5e-4)")
+    g.add_argument("--warmup_prop", type=float, help="linear warm-up share of the steps (default 0.05)")
+    g.add_argument("--weight_decay", type=float, help="AdamW weight decay (default 0.0)")
+    g.add_argument("--adam_epsilon", type=float, help="AdamW epsilon (default 1e-6)")
+    g.add_argument("--max_grad_norm", type=float, help="gradient clipping norm (default 5.0)")
+    g.add_argument("--checkpoint_interval", type=int, help="save a checkpoint every N steps (default 500; 0 = never)")
+    g.add_argument("--eval_interval", type=int, help="held-out evaluation every N steps (default 0 = at the end only)")
+    g.add_argument("--log_interval", type=int, help="progress-bar refresh every N steps (default 1)")
+    return p
+
+
+DEFAULTS = {
+    "config": None,
+    "dump_path": "fastdistil-run",
+    "force": False,
+    "device": None,
+    "kernels": "fused",
+    "precision": "fp32",
+    "seed": 56,
+    "cache_dir": None,
+    "num_proc": None,
+    "teacher": fd_models.BUILTIN_TEACHER,
+    "student_layers": None,
+    "student_config": None,
+    "student_pretrained": None,
+    "data": fd_data.BUILTIN_CORPUS,
+    "max_seq_len": 128,
+    "min_seq_len": 12,
+    "eval_fraction": 0.02,
+    "temperature": 2.0,
+    "alpha_ce": None,
+    "alpha_mlm": None,
+    "alpha_cos": 1.0,
+    "alpha_mse": 0.0,
+    "restrict_ce_to_mask": False,
+    "mlm_mask_prop": 0.15,
+    "word_mask": 0.8,
+    "word_keep": 0.1,
+    "word_rand": 0.1,
+    "mlm_smoothing": 0.7,
+    "n_epoch": 1,
+    "max_steps": None,
+    "batch_size": 32,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 5e-4,
+    "warmup_prop": 0.05,
+    "weight_decay": 0.0,
+    "adam_epsilon": 1e-6,
+    "max_grad_norm": 5.0,
+    "checkpoint_interval": 500,
+    "eval_interval": 0,
+    "log_interval": 1,
+}
+
+
+def read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as e:
+        raise UsageError(f"--config {path}: cannot parse it ({str(e).splitlines()[0]})") from e
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option names to values")
+    unknown = sorted(set(values) - set(DEFAULTS))
+    if unknown:
+        raise UsageError(f"--config {path}: unknown option(s) {unknown}")
+    return values
+
+
+def resolve_config(argv=None) -> argparse.Namespace:
+    args = vars(build_parser().parse_args(argv))
+    cfg = dict(DEFAULTS)
+    if args.get("config"):
+        cfg.update(read_config_file(args["config"]))
+    cfg.update(args)
+    c = argparse.Namespace(**cfg)
+    if isinstance(c.student_layers, str):
+        try:
+            c.student_layers = [int(x) for x in c.student_layers.replace(" ", "").split(",") if x]
+        except ValueError as e:
+            raise UsageError(f"--student_layers {c.student_layers!r}: expected comma-separated integers") from e
+    positive = ("batch_size", "gradient_accumulation_steps", "n_epoch", "max_seq_len", "log_interval")
+    for name in positive:
+        if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
+            raise UsageError(f"--{name} must be a positive integer, got {getattr(c, name)!r}")
+    if c.max_steps is not None and c.max_steps < 1:
+        raise UsageError(f"--max_steps must be a positive integer, got {c.max_steps}")
+    if c.max_seq_len < 3 or c.max_seq_len > 512:
+        raise UsageError(f"--max_seq_len must be in [3, 512], got {c.max_seq_len}")
+    if not 0 < c.temperature < math.inf:
+        raise UsageError(f"--temperature must be > 0, got {c.temperature}")
+    if not math.isclose(c.word_mask + c.word_keep + c.word_rand, 1.0, abs_tol=1e-6):
+        raise UsageError("--word_mask + --word_keep + --word_rand must sum to 1")
+    if not 0 < c.mlm_mask_prop <= 1:
+        raise UsageError(f"--mlm_mask_prop must be in (0, 1], got {c.mlm_mask_prop}")
+    if not 0 < c.eval_fraction < 1:
+        raise UsageError(f"--eval_fraction must be in (0, 1), got {c.eval_fraction}")
+    for name in ("alpha_ce", "alpha_mlm", "alpha_cos", "alpha_mse", "learning_rate", "weight_decay", "max_grad_norm"):
+        v = getattr(c, name)
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise UsageError(f"--{name} must be a finite number >= 0, got {v}")
+    if c.student_config and c.student_pretrained:
+        raise UsageError("give at most one of --student_config and --student_pretrained")
+    if c.device is None:
+        c.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {c.device}: no CUDA device here")
+    if c.precision == "fp16" and not c.device.startswith("cuda"):
+        raise UsageError("--precision fp16 needs a CUDA device; use bf16 on CPU")
+    if c.cache_dir is None:
+        c.cache_dir = os.environ.get("FASTDISTIL_CACHE") or str(Path.home() / ".cache" / "fastdistil")
+    if c.num_proc is None:
+        c.num_proc = min(8, os.cpu_count() or 1)
+    return c
+
+
+def check_dump_path(c) -> Path:
+    """The output directory: new, empty, or (with --force) an earlier fastdistil run, which is then replaced.
+    A non-empty directory that is not a fastdistil run is never deleted, --force or not."""
+    out = Path(c.dump_path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--dump_path {out} is a file")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "train_config.json").is_file():
+            raise UsageError(f"--dump_path {out} is not empty and holds no fastdistil run; choose another path")
+        if not c.force:
+            raise UsageError(
+                f"--dump_path {out} already holds a run; pass --force to replace it, or choose another path"
+            )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Objective
+
+
+@dataclass
+class Losses:
+    total: torch.Tensor
+    terms: dict  # name -> detached scalar tensor
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class Objective:
+    """The weighted DistilBERT loss for one batch, through the fused ops or the pure-PyTorch references."""
+
+    def __init__(self, c, student, teacher: fd_models.Teacher):
+        from fastdistil import MLMDistiller
+
+        self.c, self.student, self.teacher = c, student, teacher
+        self.mlm = teacher.has_mlm_head
+        self.fused = c.kernels == "fused"
+        if self.mlm and self.fused:
+            self.distiller = MLMDistiller(
+                student,
+                teacher.model,
+                temperature=c.temperature,
+                alpha_ce=c.alpha_ce,
+                alpha_mlm=c.alpha_mlm,
+                restrict_ce_to_mask=c.restrict_ce_to_mask,
+            )
+
+    def __call__(self, input_ids, attention_mask, labels) -> Losses:
+        c = self.c
+        rows = attention_mask.bool()
+        terms = {}
+        if self.mlm and self.fused:
+            out = self.distiller(input_ids, attention_mask, labels)
+            s_hidden, t_hidden = out.student_hidden, out.teacher_hidden
+            terms.update(loss_ce=out.loss_ce, loss_mlm=out.loss_mlm, loss_cos=out.loss_cos)
+        elif self.mlm:
+            from fastdistil.ops import op_module
+
+            with torch.no_grad():
+                t_out = self.teacher.model(
+                    input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+                )
+            s_out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            s_hidden, t_hidden = s_out.hidden_states[-1], t_out.hidden_states[-1]
+            kl_rows = labels != -100 if c.restrict_ce_to_mask else rows
+            V = s_out.logits.shape[-1]
+            terms["loss_ce"] = op_module("kd_loss").kd_loss_ref(s_out.logits, t_out.logits, c.temperature, kl_rows)
+            ce = F.cross_entropy(
+                s_out.logits.reshape(-1, V).float(), labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            terms["loss_mlm"] = ce / (labels != -100).sum().clamp_min(1)
+            terms["loss_cos"] = op_module("cosine_loss").cosine_loss_ref(s_hidden, t_hidden, rows)
+        else:
+            from fastdistil.ops import cosine_loss, op_module
+
+            with torch.no_grad():
+                t_hidden = self.teacher.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            s_hidden = self.student(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            cos = cosine_loss if self.fused else op_module("cosine_loss").cosine_loss_ref
+            terms["loss_cos"] = cos(s_hidden, t_hidden, rows) if c.alpha_cos > 0 else s_hidden.new_zeros(())
+        if c.alpha_mse > 0:
+            terms["loss_mse"] = F.mse_loss(mean_pool(s_hidden.float(), rows), mean_pool(t_hidden.float(), rows))
+        weights = {"loss_ce": c.alpha_ce, "loss_mlm": c.alpha_mlm, "loss_cos": c.alpha_cos, "loss_mse": c.alpha_mse}
+        total = sum(weights[k] * v.float() for k, v in terms.items() if weights[k])
+        if not isinstance(total, torch.Tensor):
+            total = s_hidden.new_zeros((), dtype=torch.float32)
+        return Losses(total, {k: v.detach().float() for k, v in terms.items()})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(c, student, teacher: fd_models.Teacher, seqs, eval_idx, pad_id, masker, device) -> dict:
+    """Held-out metrics. All teachers: mean cosine of mean-pooled sentence embeddings (student vs teacher) and of
+    last hidden states per token. MLM teachers: student and teacher MLM loss and top-1 accuracy on masked tokens
+    (a fixed masking), and the student-teacher KL at T = 1 over the real tokens."""
+    was_training = student.training
+    student.eval()
+    gen = torch.Generator().manual_seed(c.seed + 1)
+    sums = {k: 0.0 for k in ("emb_cos", "tok_cos", "s_mlm", "t_mlm", "s_acc", "t_acc", "kl")}
+    n_seq = n_tok = n_mlm = 0
+    bs = max(1, min(c.batch_size, 16))
+    for start in range(0, len(eval_idx), bs):
+        batch = fd_data.collate(seqs, eval_idx[start : start + bs], pad_id)
+        ids, mask = batch.input_ids, batch.attention_mask
+        labels = None
+        if masker is not None:
+            ids, labels = masker(batch, gen)
+            labels = labels.to(device)
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast(c, device):
+            s_out = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            t_out = teacher.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        s_h, t_h = s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float()
+        rows = mask.bool()
+        sums["emb_cos"] += F.cosine_similarity(mean_pool(s_h, rows), mean_pool(t_h, rows), dim=-1).sum().item()
+        sums["tok_cos"] += F.cosine_similarity(s_h[rows], t_h[rows], dim=-1).sum().item()
+        n_seq += ids.shape[0]
+        n_tok += int(rows.sum())
+        if masker is not None:
+            sel = labels != -100
+            s_logits, t_logits = s_out.logits.float(), t_out.logits.float()
+            y = labels[sel]
+            for side, logits in (("s", s_logits), ("t", t_logits)):
+                sums[f"{side}_mlm"] += F.cross_entropy(logits[sel], y, reduction="sum").item()
+                sums[f"{side}_acc"] += (logits[sel].argmax(-1) == y).sum().item()
+            sums["kl"] += F.kl_div(
+                s_logits[rows].log_softmax(-1), t_logits[rows].log_softmax(-1), log_target=True, reduction="sum"
+            ).item()
+            n_mlm += int(sel.sum())
+    student.train(was_training)
+    out = {
+        "embedding_cosine": sums["emb_cos"] / max(n_seq, 1),
+        "token_cosine": sums["tok_cos"] / max(n_tok, 1),
+        "eval_sequences": n_seq,
+    }
+    if masker is not None:
+        out.update(
+            student_mlm_loss=sums["s_mlm"] / max(n_mlm, 1),
+            teacher_mlm_loss=sums["t_mlm"] / max(n_mlm, 1),
+            student_mlm_acc=sums["s_acc"] / max(n_mlm, 1),
+            teacher_mlm_acc=sums["t_acc"] / max(n_mlm, 1),
+            student_teacher_kl=sums["kl"] / max(n_tok, 1),
+        )
+    return out
+
+
+def autocast(c, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+def peak_memory_mb(device) -> float:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, scheduler, scaler, state: dict) -> Path:
+    ckpt = out / "checkpoints" / f"step-{step}"
+    fd_models.save_student(student, tokenizer, ckpt)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            **state,
+        },
+        ckpt / "trainer_state.pt",
+    )
+    return ckpt
+
+
+def prepare(c):
+    """Everything that can fail on bad input, before anything is written to dump_path."""
+    out = check_dump_path(c)
+    teacher = fd_models.load_teacher(c.teacher)
+    if not teacher.has_mlm_head:
+        for name in ("alpha_ce", "alpha_mlm"):
+            if getattr(c, name):
+                raise UsageError(
+                    f"--{name} {getattr(c, name)}: the teacher {c.teacher} has no MLM head, so there is no vocabulary "
+                    "loss to distil (it distils hidden states: use --alpha_cos / --alpha_mse)"
+                )
+        c.alpha_ce, c.alpha_mlm = 0.0, 0.0
+        if c.restrict_ce_to_mask:
+            raise UsageError("--restrict_ce_to_mask needs a teacher with an MLM head")
+    else:
+        c.alpha_ce = 5.0 if c.alpha_ce is None else c.alpha_ce
+        c.alpha_mlm = 2.0 if c.alpha_mlm is None else c.alpha_mlm
+    if c.alpha_ce + c.alpha_mlm + c.alpha_cos + c.alpha_mse == 0:
+        raise UsageError("every loss weight is 0: nothing to train")
+    n_teacher = fd_models.num_layers(teacher.model)
+    if c.student_pretrained:
+        student = fd_models.student_pretrained(c.student_pretrained, teacher)
+    elif c.student_config:
+        student = fd_models.student_from_config(c.student_config, teacher)
+    else:
+        layers = c.student_layers or fd_models.default_student_layers(n_teacher)
+        c.student_layers = layers
+        student = fd_models.student_from_teacher(teacher.model, layers)
+    fd_models.check_compatible(student, teacher, need_same_hidden=c.alpha_cos > 0 or c.alpha_mse > 0)
+    cache = Path(c.cache_dir)
+    seqs = fd_data.build_sequences(c.data, teacher.tokenizer, c.max_seq_len, c.min_seq_len, cache, c.num_proc)
+    return out, teacher, student, seqs
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    student: torch.nn.Module
+    summary: dict | None
+
+
+def train(c) -> RunResult:
+    """Run the job described by a resolved config (resolve_config); the CLI is main()."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # ours is the one bar (not one per weight load / save)
+    torch.manual_seed(c.seed)
+    np.random.seed(c.seed)
+    out, teacher, student, seqs = prepare(c)
+    device = torch.device(c.device)
+    tok = teacher.tokenizer
+    lengths = fd_data.sequence_lengths(seqs)
+    train_idx, eval_idx = fd_data.split_train_eval(len(seqs), c.eval_fraction, c.seed)
+    masker = None
+    if teacher.has_mlm_head:
+        counts = fd_data.token_counts(seqs, teacher.model.config.vocab_size)
+        masker = fd_data.MLMMasker(
+            counts,
+            tok.all_special_ids,
+            tok.mask_token_id,
+            mlm_mask_prop=c.mlm_mask_prop,
+            word_mask=c.word_mask,
+            word_keep=c.word_keep,
+            word_rand=c.word_rand,
+            mlm_smoothing=c.mlm_smoothing,
+        )
+    teacher.model.to(device)
+    student.to(device)
+
+    batches_per_epoch = math.ceil(len(train_idx) / c.batch_size)
+    steps_per_epoch = max(1, batches_per_epoch // c.gradient_accumulation_steps)
+    total_steps = c.max_steps or steps_per_epoch * c.n_epoch
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+
+    import transformers
+    from tqdm.auto import tqdm
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    groups = [
+        {
+            "params": [p for n, p in student.named_parameters() if p.requires_grad and not n.endswith(no_decay)],
+            "weight_decay": c.weight_decay,
+        },
+        {
+            "params": [p for n, p in student.named_parameters() if p.requires_grad and n.endswith(no_decay)],
+            "weight_decay": 0.0,
+        },
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, eps=c.adam_epsilon, betas=(0.9, 0.98))
+    scheduler = transformers.get_linear_schedule_with_warmup(
+        optimizer, math.ceil(c.warmup_prop * total_steps), total_steps
+    )
+    scaler = torch.amp.GradScaler(device.type) if c.precision == "fp16" else None
+    objective = Objective(c, student, teacher)
+
+    if out.is_dir() and any(out.iterdir()):  # an earlier run, and --force (check_dump_path)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = {k: v for k, v in vars(c).items()}
+    resolved.update(
+        teacher_has_mlm_head=teacher.has_mlm_head,
+        train_sequences=len(train_idx),
+        eval_sequences=len(eval_idx),
+        total_steps=total_steps,
+    )
+    (out / "train_config.json").write_text(json.dumps(resolved, indent=2, default=str))
+    mode = (
+        "the full DistilBERT objective (loss_ce, loss_mlm, loss_cos)"
+        if teacher.has_mlm_head
+        else (
+            "hidden states only: the teacher has no MLM head (loss_cos on the last hidden states"
+            + (", MSE of mean-pooled embeddings" if c.alpha_mse else "")
+            + ")"
+        )
+    )
+    print(
+        f"fastdistil: teacher {c.teacher} ({fd_models.num_layers(teacher.model)} layers) -> student "
+        f"{fd_models.num_layers(student)} layers{f' {c.student_layers}' if c.student_layers else ''}; {mode}; "
+        f"{len(train_idx)} training / {len(eval_idx)} held-out sequences; {total_steps} steps; "
+        f"kernels={c.kernels}, precision={c.precision}, device={device}",
+        flush=True,
+    )
+
+    before = evaluate(c, student, teacher, seqs, eval_idx, tok.pad_token_id, masker, device)
+    mask_gen = torch.Generator().manual_seed(c.seed)
+    step, tokens_seen, t_start = 0, 0, time.perf_counter()
+    metrics = open(out / "metrics.jsonl", "a", buffering=1)
+    bar = tqdm(total=total_steps, desc="distilling", unit="step", dynamic_ncols=True, disable=None)
+    optimizer.zero_grad(set_to_none=True)
+    stop_reason = None  # set when the loop ends early: Ctrl-C, or a non-finite loss
+    try:
+        for epoch in range(n_epochs):
+            batches = fd_data.length_grouped_batches(lengths, train_idx, c.batch_size, c.seed, epoch)
+            usable = len(batches) - len(batches) % c.gradient_accumulation_steps or len(batches)
+            t_step, step_tokens, acc_terms = time.perf_counter(), 0, {}
+            for i, idx in enumerate(batches[:usable]):
+                batch = fd_data.collate(seqs, idx, tok.pad_token_id)
+                ids, labels = masker(batch, mask_gen) if masker is not None else (batch.input_ids, None)
+                ids, mask = ids.to(device), batch.attention_mask.to(device)
+                labels = labels.to(device) if labels is not None else None
+                with autocast(c, device):
+                    losses = objective(ids, mask, labels)
+                loss = losses.total / c.gradient_accumulation_steps
+                if not torch.isfinite(losses.total):
+                    bad = [k for k, v in losses.terms.items() if not torch.isfinite(v)]
+                    raise FloatingPointError(f"non-finite loss at step {step + 1} ({', '.join(bad) or 'total'})")
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                step_tokens += batch.n_tokens
+                for k, v in losses.terms.items():
+                    acc_terms[k] = acc_terms.get(k, 0.0) + v.item() / c.gradient_accumulation_steps
+                if (i + 1) % c.gradient_accumulation_steps:
+                    continue
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), c.max_grad_norm)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += step_tokens
+                dt = time.perf_counter() - t_step
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    **{k: round(v, 6) for k, v in acc_terms.items()},
+                    "loss": round(sum(acc_terms[k] * getattr(c, "alpha_" + k[5:]) for k in acc_terms), 6),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens": step_tokens,
+                    "tokens_per_s": step_tokens / dt,
+                    "step_time_s": dt,
+                    "peak_mem_mb": peak_memory_mb(device),
+                }
+                metrics.write(json.dumps(record) + "\n")
+                if step % c.log_interval == 0 or step == total_steps:
+                    bar.set_postfix(
+                        {
+                            "tok/s": f"{record['tokens_per_s']:.0f}",
+                            "loss": f"{record['loss']:.4f}",
+                            **{k[5:]: f"{v:.4f}" for k, v in acc_terms.items()},
+                        },
+                        refresh=False,
+                    )
+                bar.update(1)
+                if c.checkpoint_interval and step % c.checkpoint_interval == 0 and step < total_steps:
+                    save_checkpoint(
+                        out, step, student, tok, optimizer, scheduler, scaler, {"step": step, "epoch": epoch}
+                    )
+                if c.eval_interval and step % c.eval_interval == 0 and step < total_steps:
+                    mid = evaluate(c, student, teacher, seqs, eval_idx, tok.pad_token_id, masker, device)
+                    metrics.write(json.dumps({"step": step, "eval": mid}) + "\n")
+                t_step, step_tokens, acc_terms = time.perf_counter(), 0, {}
+                if step >= total_steps:
+                    break
+            if step >= total_steps:
+                break
+    except KeyboardInterrupt:
+        stop_reason = "interrupted"
+    except FloatingPointError as e:  # raised before the optimizer step: the weights are still good
+        stop_reason = str(e)
+    finally:
+        bar.close()
+        metrics.close()
+    wall = time.perf_counter() - t_start
+    if stop_reason:
+        ckpt = save_checkpoint(
+            out, step, student, tok, optimizer, scheduler, scaler, {"step": step, "interrupted": True}
+        )
+        print(f"\n{stop_reason} at step {step}: checkpoint saved to {ckpt}", file=sys.stderr)
+        return RunResult(130 if stop_reason == "interrupted" else 1, student, None)
+
+    fd_models.save_student(student, tok, out / "student")
+    after = evaluate(c, student, teacher, seqs, eval_idx, tok.pad_token_id, masker, device)
+    summary = {
+        "steps": step,
+        "tokens": tokens_seen,
+        "wall_time_s": wall,
+        "tokens_per_s": tokens_seen / max(wall, 1e-9),
+        "peak_mem_mb": peak_memory_mb(device),
+        "before": before,
+        "after": after,
+        "student": str(out / "student"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    table = summary_table(summary, teacher.has_mlm_head)
+    (out / "summary.md").write_text(table + "\n")
+    print("\n" + table)
+    print(
+        f"\nstudent saved to {out / 'student'} (load it with transformers.Auto"
+        f"{'ModelForMaskedLM' if teacher.has_mlm_head else 'Model'}.from_pretrained)"
+    )
+    return RunResult(0, student, summary)
+
+
+def summary_table(s: dict, mlm: bool) -> str:
+    rows = [
+        ("held-out embedding cosine to teacher", "embedding_cosine"),
+        ("held-out token cosine to teacher", "token_cosine"),
+    ]
+    if mlm:
+        rows += [
+            ("student MLM loss", "student_mlm_loss"),
+            ("student MLM top-1 accuracy", "student_mlm_acc"),
+            ("student-teacher KL (T=1)", "student_teacher_kl"),
+        ]
+    lines = ["| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {label} | {s['before'][k]:.4f} | {s['after'][k]:.4f} |" for label, k in rows]
+    if mlm:
+        lines += [
+            f"| teacher MLM loss | {s['after']['teacher_mlm_loss']:.4f} | |",
+            f"| teacher MLM top-1 accuracy | {s['after']['teacher_mlm_acc']:.4f} | |",
+        ]
+    lines += [
+        f"\n{s['steps']} steps, {s['tokens']} tokens in {s['wall_time_s']:.0f} s "
+        f"({s['tokens_per_s']:.0f} tokens/s), peak memory {s['peak_mem_mb']:.0f} MB"
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    try:
+        c = resolve_config(argv)
+        return train(c).exit_code
+    except (UsageError, fd_data.DataError, fd_models.ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
