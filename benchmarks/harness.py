@@ -50,20 +50,23 @@ def measure_bandwidth_gbs(mbytes: int = 512, allocations: int = 4, repeats: int 
 
 
 def measure_gemm_gflops(dtype: torch.dtype = torch.float32, m: int = 1024, k: int = 768, n: int = 30522) -> float:
-    """Best GFLOP/s of one (m, k) @ (k, n) matmul in `dtype` on this machine (BERT's vocabulary projection
-    shape): the ceiling of GEMM-bound work. Cached per dtype for the session."""
+    """Best GFLOP/s of an (m, k) x (k, n) matmul in `dtype` on this machine (BERT's vocabulary projection
+    shape), over both layouts of the right operand ((k, n), and (n, k) transposed like a Linear weight: CPU
+    bf16 kernels differ tenfold between them): the ceiling of GEMM-bound work. Cached per dtype."""
     key = f"gemm_gflops_{dtype}"
     if key not in STATE:
         a = torch.randn(m, k, device=DEVICE).to(dtype)
         b = torch.randn(k, n, device=DEVICE).to(dtype)
-        a @ b
+        b_t = torch.randn(n, k, device=DEVICE).to(dtype)
         best = float("inf")
-        for _ in range(3):
-            sync()
-            t0 = time.perf_counter()
-            a @ b
-            sync()
-            best = min(best, time.perf_counter() - t0)
+        for product in (lambda: a @ b, lambda: a @ b_t.t()):
+            product()
+            for _ in range(3):
+                sync()
+                t0 = time.perf_counter()
+                product()
+                sync()
+                best = min(best, time.perf_counter() - t0)
         STATE[key] = 2 * m * k * n / best / 1e9
     return STATE[key]
 

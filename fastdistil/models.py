@@ -17,6 +17,7 @@ BUILTIN_TEACHER = "builtin:all-MiniLM-L6-v2"
 # Layer containers of the BERT-family models fastdistil copies layers of.
 _LAYER_KEY = re.compile(r"^(.*?\b(?:encoder\.layer|transformer\.layer|encoder\.layers))\.(\d+)\.(.*)$")
 _NUM_LAYERS_ATTRS = ("num_hidden_layers", "n_layers")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
 
 
 class ModelError(ValueError):
@@ -60,6 +61,10 @@ def load_teacher(name_or_path: str) -> Teacher:
         raise ModelError(
             f"--teacher {name_or_path}: model_type {config.model_type!r} is not a BERT-family encoder "
             "that fastdistil supports"
+        )
+    if local and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        raise ModelError(
+            f"--teacher {name_or_path}: no usable tokenizer saved with it (none of {', '.join(_TOKENIZER_FILES)})"
         )
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, use_fast=True)

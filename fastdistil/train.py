@@ -34,6 +34,7 @@ from fastdistil import data as fd_data
 from fastdistil import models as fd_models
 
 EXIT_USAGE = 2
+BUILTIN_MAX_STEPS = 150  # the no-argument job: about ten minutes on two CPU cores
 
 
 class UsageError(ValueError):
@@ -90,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mlm_smoothing", type=float, help="token-frequency smoothing exponent (default 0.7)")
     g = p.add_argument_group("optimisation (DistilBERT names)")
     g.add_argument("--n_epoch", type=int, help="epochs (default 1)")
-    g.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (default: n_epoch epochs)")
+    g.add_argument(
+        "--max_steps",
+        type=int,
+        help=f"stop after this many optimizer steps (default: n_epoch epochs; {BUILTIN_MAX_STEPS} on built-in data)",
+    )
     g.add_argument("--batch_size", type=int, help="sequences per forward pass (default 32)")
     g.add_argument("--gradient_accumulation_steps", type=int, help="forward passes per optimizer step (default 1)")
     g.add_argument("--learning_rate", type=float, help="peak AdamW learning rate (default 5e-4)")
@@ -173,9 +178,10 @@ def read_config_file(path: str) -> dict:
 def resolve_config(argv=None) -> argparse.Namespace:
     args = vars(build_parser().parse_args(argv))
     cfg = dict(DEFAULTS)
-    if args.get("config"):
-        cfg.update(read_config_file(args["config"]))
+    from_file = read_config_file(args["config"]) if args.get("config") else {}
+    cfg.update(from_file)
     cfg.update(args)
+    explicit = set(args) | set(from_file)
     c = argparse.Namespace(**cfg)
     if isinstance(c.student_layers, str):
         try:
@@ -186,6 +192,9 @@ def resolve_config(argv=None) -> argparse.Namespace:
     for name in positive:
         if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
             raise UsageError(f"--{name} must be a positive integer, got {getattr(c, name)!r}")
+    if c.data == fd_data.BUILTIN_CORPUS and c.max_steps is None and "n_epoch" not in explicit:
+        # The embedded default job: sized to finish in about ten minutes on two CPU cores (0.6 of an epoch).
+        c.max_steps = BUILTIN_MAX_STEPS
     if c.max_steps is not None and c.max_steps < 1:
         raise UsageError(f"--max_steps must be a positive integer, got {c.max_steps}")
     if c.max_seq_len < 3 or c.max_seq_len > 512:
@@ -425,6 +434,9 @@ def prepare(c):
         c.alpha_mlm = 2.0 if c.alpha_mlm is None else c.alpha_mlm
     if c.alpha_ce + c.alpha_mlm + c.alpha_cos + c.alpha_mse == 0:
         raise UsageError("every loss weight is 0: nothing to train")
+    max_positions = getattr(teacher.model.config, "max_position_embeddings", None)
+    if max_positions is not None and c.max_seq_len > max_positions:
+        raise UsageError(f"--max_seq_len {c.max_seq_len}: the teacher takes at most {max_positions} positions")
     n_teacher = fd_models.num_layers(teacher.model)
     if c.student_pretrained:
         student = fd_models.student_pretrained(c.student_pretrained, teacher)
@@ -534,6 +546,7 @@ def train(c) -> RunResult:
     step, tokens_seen, t_start = 0, 0, time.perf_counter()
     metrics = open(out / "metrics.jsonl", "a", buffering=1)
     bar = tqdm(total=total_steps, desc="distilling", unit="step", dynamic_ncols=True, disable=None)
+    log_every = max(1, total_steps // 20)  # without a terminal (logs, CI) tqdm is off: a line every 5% instead
     optimizer.zero_grad(set_to_none=True)
     stop_reason = None  # set when the loop ends early: Ctrl-C, or a non-finite loss
     try:
@@ -594,6 +607,13 @@ def train(c) -> RunResult:
                         refresh=False,
                     )
                 bar.update(1)
+                if bar.disable and (step % log_every == 0 or step == total_steps):
+                    terms = " ".join(f"{k}={v:.4f}" for k, v in acc_terms.items())
+                    print(
+                        f"step {step}/{total_steps} loss={record['loss']:.4f} {terms} "
+                        f"tokens/s={record['tokens_per_s']:.0f}",
+                        flush=True,
+                    )
                 if c.checkpoint_interval and step % c.checkpoint_interval == 0 and step < total_steps:
                     save_checkpoint(
                         out, step, student, tok, optimizer, scheduler, scaler, {"step": step, "epoch": epoch}

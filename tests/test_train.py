@@ -182,6 +182,7 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys):
         (["--teacher", str(enc_teacher), "--alpha_ce", "5"], "has no MLM head"),
         (["--word_mask", "0.5"], "must sum to 1"),
         (["--max_seq_len", "1000"], "max_seq_len"),
+        (["--max_seq_len", "100"], "at most 64 positions"),
     ]
     for extra, message in cases:
         args = _args(tmp_path, mlm_teacher, "bad", "--max_steps", "1") + extra
@@ -247,3 +248,52 @@ def test_length_grouped_batches_cover_every_index_once():
     spread = sum(lengths[b].max() - lengths[b].min() for b in batches) / len(batches)
     assert spread < 20  # grouped by length (random batches would spread ~90)
     assert [list(b) for b in batches] == [list(b) for b in fd_data.length_grouped_batches(lengths, idx, 16, 1, 0)]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):
+    teacher = _teacher(tmp_path, mlm=True)
+    calls = {"n": 0}
+    real_call = fd_train.Objective.__call__
+
+    def interrupt_on_third_batch(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_call(self, *args)
+
+    monkeypatch.setattr(fd_train.Objective, "__call__", interrupt_on_third_batch)
+    result = fd_train.train(fd_train.resolve_config(_args(tmp_path, teacher, "int", "--max_steps", "10")))
+    assert result.exit_code == 130
+    ckpt = tmp_path / "int" / "checkpoints" / "step-2"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "trainer_state.pt").is_file()
+    assert transformers.AutoModelForMaskedLM.from_pretrained(ckpt) is not None
+
+
+def test_bf16_autocast_run(tmp_path):
+    teacher = _teacher(tmp_path, mlm=True)
+    result = fd_train.train(
+        fd_train.resolve_config(_args(tmp_path, teacher, "bf16", "--max_steps", "3", "--precision", "bf16"))
+    )
+    assert result.exit_code == 0
+    steps = _metrics(tmp_path / "bf16")
+    assert len(steps) == 3 and all(s["loss"] == s["loss"] and s["loss"] > 0 for s in steps)
+
+
+def test_model_mismatches_are_clear_errors(tmp_path, capsys):
+    teacher = _teacher(tmp_path, mlm=True)
+    no_tok = tmp_path / "no-tokenizer"
+    transformers.AutoModelForMaskedLM.from_pretrained(teacher).save_pretrained(no_tok)
+    other_vocab = tmp_path / "student.json"
+    cfg = transformers.BertConfig(
+        vocab_size=500, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+    cfg.to_json_file(other_vocab)
+    capsys.readouterr()
+    for extra, message in [
+        (["--teacher", str(no_tok)], "no usable tokenizer"),
+        (["--student_config", str(other_vocab)], "must share the tokenizer"),
+    ]:
+        assert fd_train.main(_args(tmp_path, teacher, "bad", "--max_steps", "1") + extra) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not (tmp_path / "bad").exists()
