@@ -81,7 +81,9 @@ def bytes_moved(case):
 
 
 def rounds(case):
-    return 5 if harness.DEVICE == "cpu" else 20
+    if harness.DEVICE == "cuda":
+        return 20
+    return 5 if case["dtype"] == "fp32" else 2  # bf16 GEMMs are slow on CPUs without native bf16
 
 
 @pytest.mark.parametrize("case", CASES, ids=harness.case_id)
