@@ -1,8 +1,10 @@
-// Argument checks shared by every host function. The Python layer (fastdistil/ops/_checks.py)
+// Argument checks shared by every host function. The Python layer (fastdistil/ops/_common.py and the op files)
 // validates user input first with clear ValueErrors; these are the backstop for direct callers
 // of the private ops.
 #pragma once
 #include <ATen/ATen.h>
+
+#include <cmath>
 
 #define FD_CHECK_2D(x) TORCH_CHECK((x).dim() == 2, #x " must be 2-D (N, V), got shape ", (x).sizes())
 #define FD_CHECK_SAME_SHAPE(a, b) \
@@ -30,6 +32,24 @@ inline at::Tensor checked_row_mask(const std::optional<at::Tensor>& row_mask, in
   TORCH_CHECK(row_mask->dim() == 1 && row_mask->size(0) == n, "row_mask must have shape (", n, "), got ",
               row_mask->sizes());
   return row_mask->contiguous();
+}
+
+// The distillation-head epilogue's arguments (csrc/cpu/distill_head.cpp, csrc/cuda/distill_head.cu): the
+// student chunk is overwritten in place, so it must be contiguous and of a dtype the kernels write; labels are
+// optional int64, one per row. Returns the labels made contiguous (undefined when absent).
+inline at::Tensor checked_epilogue_args(const at::Tensor& student, const at::Tensor& teacher,
+                                        const std::optional<at::Tensor>& labels, double temperature) {
+  check_student_teacher(student, teacher);
+  TORCH_CHECK(student.is_contiguous(), "student_logits must be contiguous (it is overwritten in place)");
+  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ", temperature);
+  const auto dtype = student.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "the native epilogue takes float32, bfloat16 or float16 logits, got ", dtype);
+  if (!labels.has_value() || !labels->defined()) return at::Tensor();
+  const int64_t n = student.size(0);
+  TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 && labels->size(0) == n,
+              "labels must be int64 of shape (", n, "), got ", labels->scalar_type(), " ", labels->sizes());
+  return labels->contiguous();
 }
 
 }  // namespace fastdistil

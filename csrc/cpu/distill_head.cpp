@@ -120,21 +120,11 @@ std::tuple<at::Tensor, at::Tensor> distill_epilogue_cpu(const at::Tensor& studen
                                                         const std::optional<at::Tensor>& labels,
                                                         const at::Tensor& kl_coef, const at::Tensor& mlm_coef,
                                                         double temperature, bool with_grad) {
-  check_student_teacher(student_logits, teacher_logits);
-  TORCH_CHECK(student_logits.is_contiguous(), "student_logits must be contiguous (it is overwritten in place)");
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be finite and > 0, got ", temperature);
-  const auto dtype = student_logits.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "the native epilogue takes float32, bfloat16 or float16 logits, got ", dtype);
+  const at::Tensor lab = checked_epilogue_args(student_logits, teacher_logits, labels, temperature);
   const at::Tensor t = teacher_logits.contiguous();
   const int64_t N = student_logits.size(0), V = student_logits.size(1);
+  const auto dtype = student_logits.scalar_type();
   const at::Tensor rows = checked_row_mask(kl_rows, N);
-  at::Tensor lab;
-  if (labels.has_value() && labels->defined()) {
-    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->dim() == 1 && labels->size(0) == N,
-                "labels must be int64 of shape (", N, "), got ", labels->scalar_type(), " ", labels->sizes());
-    lab = labels->contiguous();
-  }
   const float kl_c = kl_coef.item<float>(), mlm_c = mlm_coef.item<float>();  // CPU scalars: no device sync
   at::Tensor kl = at::zeros({N}, student_logits.options().dtype(at::kFloat));
   at::Tensor ce = at::zeros({N}, student_logits.options().dtype(at::kFloat));

@@ -215,26 +215,10 @@ def _project(hidden, weight, bias):
     return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
 
 
-def _head_forward(
-    sh, sw, sb, th, tw, tb, kl_mask, labels, temperature, alpha_ce, alpha_mlm, chunk_size, compute_dtype, with_grad
-):
-    with torch.autocast(sh.device.type, enabled=False):  # the dtypes below are chosen explicitly
-        return _head_loop(
-            sh,
-            sw,
-            sb,
-            th,
-            tw,
-            tb,
-            kl_mask,
-            labels,
-            temperature,
-            alpha_ce,
-            alpha_mlm,
-            chunk_size,
-            compute_dtype,
-            with_grad,
-        )
+def _head_forward(*args):
+    """The CPU and CUDA kernel of fastdistil::distill_head_fwd (arguments as in its schema)."""
+    with torch.autocast(args[0].device.type, enabled=False):  # the dtypes are chosen explicitly (compute_dtype)
+        return _head_loop(*args)
 
 
 def _head_loop(sh, sw, sb, th, tw, tb, kl_mask, labels, temperature, alpha_ce, alpha_mlm, chunk_size, cd, with_grad):
