@@ -71,6 +71,8 @@ NATIVE, NATIVE_PROBLEM = _load_native()
 
 # Per op, CUDA implementations in order of preference. Change the default here.
 CUDA_PREFERENCE: dict[str, tuple[str, ...]] = {}
+# op (an entry of fastdistil.ops.OPS) -> the public ops wire() filled for it, e.g. ("kd_loss_fwd", "kd_loss_bwd").
+WIRED: dict[str, tuple[str, ...]] = {}
 # (public op, device) -> a function of no arguments giving the name of the implementation in that slot.
 KERNELS: dict[tuple[str, str], object] = {}
 _warned: set[str] = set()
@@ -161,6 +163,7 @@ def wire(op: str, tables: dict[str, dict], cuda_preference: tuple[str, ...]) -> 
     CPU: the C++ kernel, or the reference (warned) when _C is missing; decided once, here. CUDA: the first of
     `cuda_preference` available here (or FASTDISTIL_CUDA_IMPL / force_cuda_impl), resolved at each call."""
     CUDA_PREFERENCE[op] = cuda_preference
+    WIRED[op] = tuple(tables)
     first = next(iter(tables.values()))
     cpu = cpu_impl(op, first)
 

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastdistil import checkpoint as fd_checkpoint
 from fastdistil import data as fd_data
 from fastdistil import models as fd_models
 
@@ -56,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", help="JSON or YAML file with any of these options (flags override it)")
     g.add_argument("--dump_path", help="output directory (default: fastdistil-run)")
     g.add_argument("--force", action="store_true", help="overwrite a dump_path that holds another run")
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="continue the run in dump_path from its newest complete checkpoint (or from the checkpoint PATH)",
+    )
+    g.add_argument("--keep_checkpoints", type=int, help="keep the newest K checkpoints (default 3; 0 = all)")
+    g.add_argument("--max_bad_steps", type=int, help="stop after this many non-finite steps in a row (default 10)")
     g.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     g.add_argument("--kernels", choices=["fused", "reference"], help="fused ops (default) or the pure-PyTorch baseline")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
@@ -113,6 +123,9 @@ DEFAULTS = {
     "config": None,
     "dump_path": "fastdistil-run",
     "force": False,
+    "resume": None,
+    "keep_checkpoints": 3,
+    "max_bad_steps": 10,
     "device": None,
     "kernels": "fused",
     "precision": "fp32",
@@ -232,6 +245,10 @@ def check_dump_path(c) -> Path:
     out = Path(c.dump_path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--dump_path {out} is a file")
+    if c.resume:
+        if c.resume == "latest" and not (out / "train_config.json").is_file():
+            raise UsageError(f"--resume: {out} holds no fastdistil run to continue")
+        return out
     if out.is_dir() and any(out.iterdir()):
         if not (out / "train_config.json").is_file():
             raise UsageError(f"--dump_path {out} is not empty and holds no fastdistil run; choose another path")
@@ -400,19 +417,71 @@ def peak_memory_mb(device) -> float:
     return float("nan")
 
 
-def save_checkpoint(out: Path, step: int, student, tokenizer, optimizer, scheduler, scaler, state: dict) -> Path:
-    ckpt = out / "checkpoints" / f"step-{step}"
-    fd_models.save_student(student, tokenizer, ckpt)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            **state,
-        },
-        ckpt / "trainer_state.pt",
-    )
-    return ckpt
+def choose_checkpoint(c, out: Path) -> tuple[Path, dict]:
+    """The checkpoint --resume continues from, and its trainer state: PATH, or the newest complete one that
+    loads (an unreadable one is reported, naming the file, and the previous one is tried)."""
+    if c.resume != "latest":
+        path = Path(c.resume)
+        try:
+            return path, fd_checkpoint.load_state(path)
+        except fd_checkpoint.CheckpointError as e:
+            raise UsageError(f"--resume {path}: {e}") from e
+    candidates = fd_checkpoint.complete(out)
+    if not candidates:
+        raise UsageError(f"--resume: {out} has no complete checkpoint")
+    for i, path in enumerate(candidates):
+        try:
+            return path, fd_checkpoint.load_state(path)
+        except fd_checkpoint.CheckpointError as e:
+            fallback = f"; falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
+            print(f"warning: checkpoint {e}{fallback}", file=sys.stderr)
+    raise UsageError(f"--resume: no checkpoint of {out} is readable")
+
+
+class _StopOnSignal:
+    """Ctrl-C (SIGINT) and SIGTERM stop the run at the next step boundary (checkpoint, exit 130) rather than in
+    the middle of an optimizer update; a second signal stops at once (still with the last boundary's checkpoint).
+    Only installable from the main thread; elsewhere the default behaviour stays."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+        try:
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread
+            self.previous = {}
+
+    def _handler(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(f"\n{self.received}: stopping after this step (send it again to stop now)", file=sys.stderr)
+
+    def check(self):
+        if self.received is not None:
+            raise KeyboardInterrupt
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines of steps after `step` (written after the checkpoint a resumed run continues from)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if record.get("step", record.get("skipped_step", 0)) <= step:
+            kept.append(line)
+    path.write_text("".join(x + "\n" for x in kept))
 
 
 def prepare(c):
@@ -513,7 +582,19 @@ def train(c) -> RunResult:
     scaler = torch.amp.GradScaler(device.type) if c.precision == "fp16" else None
     objective = Objective(c, student, teacher)
 
-    if out.is_dir() and any(out.iterdir()):  # an earlier run, and --force (check_dump_path)
+    resume_state = None
+    if c.resume:
+        ckpt_path, resume_state = choose_checkpoint(c, out)
+        try:
+            fd_checkpoint.load_weights(ckpt_path, student)
+        except fd_checkpoint.CheckpointError as e:
+            raise UsageError(f"--resume: {e}") from e
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        if scaler is not None and resume_state.get("scaler") is not None:
+            scaler.load_state_dict(resume_state["scaler"])
+        print(f"fastdistil: resuming from {ckpt_path} (step {resume_state['step']})", flush=True)
+    elif out.is_dir() and any(out.iterdir()):  # an earlier run, and --force (check_dump_path)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     resolved = {k: v for k, v in vars(c).items()}
@@ -541,20 +622,50 @@ def train(c) -> RunResult:
         flush=True,
     )
 
-    before = evaluate(c, student, teacher, seqs, eval_idx, tok.pad_token_id, masker, device)
     mask_gen = torch.Generator().manual_seed(c.seed)
-    step, tokens_seen, t_start = 0, 0, time.perf_counter()
+    step = tokens_seen = start_epoch = start_batch = bad_in_a_row = 0
+    if resume_state is None:
+        before = evaluate(c, student, teacher, seqs, eval_idx, tok.pad_token_id, masker, device)
+    else:  # continue exactly: same step, data position and random streams
+        before = resume_state["before"]
+        step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]
+        start_epoch, start_batch = resume_state["epoch"], resume_state["batch_in_epoch"]
+        fd_checkpoint.restore_rng_states(resume_state["rng"], mask_gen)
+        _truncate_metrics(out / "metrics.jsonl", step)
+    # The state at the last step boundary: where the data order and every random stream stood after the last
+    # completed optimizer step. Checkpoints record it, so a stop in the middle of a step resumes exactly.
+    boundary = {"epoch": start_epoch, "batch_in_epoch": start_batch, "rng": fd_checkpoint.rng_states(mask_gen)}
+
+    def checkpoint(extra=None):
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "before": before,
+            **boundary,
+            **(extra or {}),
+        }
+        return fd_checkpoint.save(out, step, student, tok, state, keep=c.keep_checkpoints)
+
+    t_start = time.perf_counter()
     metrics = open(out / "metrics.jsonl", "a", buffering=1)
-    bar = tqdm(total=total_steps, desc="distilling", unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(total=total_steps, initial=step, desc="distilling", unit="step", dynamic_ncols=True, disable=None)
     log_every = max(1, total_steps // 20)  # without a terminal (logs, CI) tqdm is off: a line every 5% instead
     optimizer.zero_grad(set_to_none=True)
-    stop_reason = None  # set when the loop ends early: Ctrl-C, or a non-finite loss
+    stop_reason = None  # set when the loop ends early: Ctrl-C / SIGTERM, or too many non-finite steps
+    stop_signal = _StopOnSignal()
     try:
-        for epoch in range(n_epochs):
+        for epoch in range(start_epoch, n_epochs):
+            if step >= total_steps:
+                break
             batches = fd_data.length_grouped_batches(lengths, train_idx, c.batch_size, c.seed, epoch)
             usable = len(batches) - len(batches) % c.gradient_accumulation_steps or len(batches)
-            t_step, step_tokens, acc_terms = time.perf_counter(), 0, {}
-            for i, idx in enumerate(batches[:usable]):
+            t_step, step_tokens, acc_terms, bad_terms = time.perf_counter(), 0, {}, []
+            first = start_batch if epoch == start_epoch else 0
+            for i in range(first, usable):
+                idx = batches[i]
                 batch = fd_data.collate(seqs, idx, tok.pad_token_id)
                 ids, labels = masker(batch, mask_gen) if masker is not None else (batch.input_ids, None)
                 ids, mask = ids.to(device), batch.attention_mask.to(device)
@@ -562,18 +673,47 @@ def train(c) -> RunResult:
                 with autocast(c, device):
                     losses = objective(ids, mask, labels)
                 loss = losses.total / c.gradient_accumulation_steps
-                if not torch.isfinite(losses.total):
-                    bad = [k for k, v in losses.terms.items() if not torch.isfinite(v)]
-                    raise FloatingPointError(f"non-finite loss at step {step + 1} ({', '.join(bad) or 'total'})")
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                if torch.isfinite(losses.total):
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                else:  # the NaN guard: no backward; the whole optimizer step is skipped below
+                    bad_terms += [k for k, v in losses.terms.items() if not torch.isfinite(v)] or ["total"]
                 step_tokens += batch.n_tokens
                 for k, v in losses.terms.items():
                     acc_terms[k] = acc_terms.get(k, 0.0) + v.item() / c.gradient_accumulation_steps
                 if (i + 1) % c.gradient_accumulation_steps:
                     continue
-                if scaler is not None:
+                if scaler is not None and not bad_terms:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), c.max_grad_norm)
+                if not bad_terms and scaler is None and not torch.isfinite(grad_norm):
+                    bad_terms = ["gradient"]
+                if bad_terms:
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_in_a_row += 1
+                    metrics.write(
+                        json.dumps(
+                            {
+                                "skipped_step": step + 1,
+                                "bad_terms": sorted(set(bad_terms)),
+                                "bad_steps_in_a_row": bad_in_a_row,
+                            }
+                        )
+                        + "\n"
+                    )
+                    print(
+                        f"warning: step {step + 1} skipped: non-finite {', '.join(sorted(set(bad_terms)))}",
+                        file=sys.stderr,
+                    )
+                    if bad_in_a_row >= c.max_bad_steps:
+                        raise FloatingPointError(
+                            f"stopped: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                            f"(last: {', '.join(sorted(set(bad_terms)))}); lower --learning_rate or check the data"
+                        )
+                    t_step, step_tokens, acc_terms, bad_terms = time.perf_counter(), 0, {}, []
+                    boundary = {"epoch": epoch, "batch_in_epoch": i + 1, "rng": fd_checkpoint.rng_states(mask_gen)}
+                    stop_signal.check()
+                    continue
+                bad_in_a_row = 0
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()
@@ -583,6 +723,7 @@ def train(c) -> RunResult:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens_seen += step_tokens
+                boundary = {"epoch": epoch, "batch_in_epoch": i + 1, "rng": fd_checkpoint.rng_states(mask_gen)}
                 dt = time.perf_counter() - t_step
                 record = {
                     "step": step,
@@ -615,30 +756,28 @@ def train(c) -> RunResult:
                         flush=True,
                     )
                 if c.checkpoint_interval and step % c.checkpoint_interval == 0 and step < total_steps:
-                    save_checkpoint(
-                        out, step, student, tok, optimizer, scheduler, scaler, {"step": step, "epoch": epoch}
-                    )
+                    checkpoint()
                 if c.eval_interval and step % c.eval_interval == 0 and step < total_steps:
                     mid = evaluate(c, student, teacher, seqs, eval_idx, tok.pad_token_id, masker, device)
                     metrics.write(json.dumps({"step": step, "eval": mid}) + "\n")
                 t_step, step_tokens, acc_terms = time.perf_counter(), 0, {}
                 if step >= total_steps:
                     break
-            if step >= total_steps:
-                break
-    except KeyboardInterrupt:
+                stop_signal.check()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see _StopOnSignal)
         stop_reason = "interrupted"
-    except FloatingPointError as e:  # raised before the optimizer step: the weights are still good
+    except FloatingPointError as e:  # raised instead of an optimizer step: the weights are still good
         stop_reason = str(e)
     finally:
         bar.close()
         metrics.close()
+        stop_signal.restore()
     wall = time.perf_counter() - t_start
     if stop_reason:
-        ckpt = save_checkpoint(
-            out, step, student, tok, optimizer, scheduler, scaler, {"step": step, "interrupted": True}
-        )
-        print(f"\n{stop_reason} at step {step}: checkpoint saved to {ckpt}", file=sys.stderr)
+        # The state of the last completed step (a partly accumulated step is dropped and redone on --resume).
+        optimizer.zero_grad(set_to_none=True)
+        ckpt = checkpoint({"interrupted": True})
+        print(f"\n{stop_reason} at step {step}: checkpoint saved to {ckpt} (continue with --resume)", file=sys.stderr)
         return RunResult(130 if stop_reason == "interrupted" else 1, student, None)
 
     fd_models.save_student(student, tok, out / "student")

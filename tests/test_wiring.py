@@ -16,7 +16,10 @@ PUBLIC_OPS = sorted({op for op, _ in backend.KERNELS})
 
 
 def test_every_op_is_wired():
-    assert PUBLIC_OPS == sorted(f"fastdistil::{name}_{d}" for name in OPS for d in ("fwd", "bwd"))
+    assert sorted(backend.WIRED) == sorted(OPS)
+    assert PUBLIC_OPS == sorted(f"fastdistil::{public}" for op in OPS for public in backend.WIRED[op])
+    assert backend.WIRED["kd_loss"] == ("kd_loss_fwd", "kd_loss_bwd")
+    assert backend.WIRED["distill_head"] == ("distill_epilogue",)
 
 
 @pytest.mark.parametrize("op", PUBLIC_OPS)

@@ -1,0 +1,131 @@
+"""Crash-safe training checkpoints: everything needed to continue a run as if it had not stopped.
+
+A checkpoint is a directory <dump_path>/checkpoints/step-N holding the student (save_pretrained: safetensors,
+config, tokenizer) and trainer_state.pt (optimizer, scheduler, GradScaler, step, epoch, position in the epoch's
+batch order, every RNG state). It is written into a hidden temporary directory, every file is fsynced, a
+COMPLETE marker is written last, and only then is the directory renamed into place (and its parent fsynced):
+a crash or kill -9 at any moment leaves either the previous checkpoints alone or a new complete one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MARKER = "COMPLETE"
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (names the file)."""
+
+
+def rng_states(mask_generator: torch.Generator) -> dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "mask": mask_generator.get_state(),
+    }
+
+
+def restore_rng_states(states: dict, mask_generator: torch.Generator) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    mask_generator.set_state(states["mask"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(run_dir: Path, step: int, student, tokenizer, trainer_state: dict, keep: int = 0) -> Path:
+    """Write checkpoint step-<step> atomically; keep only the newest `keep` complete ones (0 = all)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    student.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(trainer_state, tmp / STATE_FILE)
+    _fsync_tree(tmp)
+    (tmp / MARKER).write_text(f"step {step}\n")
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if keep > 0:
+        for old in complete(run_dir)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, newest first (half-written ones, without the marker, are skipped)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def load_state(path: Path) -> dict:
+    """trainer_state.pt of a checkpoint, with a clear error naming the file when it is missing or corrupt."""
+    f = Path(path) / STATE_FILE
+    if not (Path(path) / MARKER).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{f} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
+    for key in ("step", "epoch", "batch_in_epoch", "optimizer", "scheduler", "rng"):
+        if key not in state:
+            raise CheckpointError(f"{f} has no {key!r}: not a checkpoint of this trainer")
+    return state
+
+
+def load_weights(path: Path, student) -> None:
+    """Copy a checkpoint's weights into `student` (same architecture), with a clear error naming the file."""
+    from safetensors.torch import load_file
+
+    f = Path(path) / "model.safetensors"
+    try:
+        weights = load_file(f)
+    except Exception as e:
+        raise CheckpointError(f"{f} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    tied = getattr(student, "_tied_weights_keys", None) or {}
+    missing = [k for k in missing if k not in set(tied if isinstance(tied, (list, set, tuple)) else tied.keys())]
+    if missing or unexpected:
+        raise CheckpointError(f"{f} does not match the student: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    student.tie_weights()
