@@ -97,6 +97,6 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest", "triton>=3.6"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest", "triton>=3.6", "tensorboard"],
     },
 )

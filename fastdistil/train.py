@@ -17,6 +17,7 @@ on the command line win.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         const="latest",
         help="continue the run in dump_path from its newest complete checkpoint (or from the checkpoint PATH)",
     )
+    g.add_argument("--tensorboard", action="store_true", help="also log every step to <dump_path>/tensorboard")
     g.add_argument("--keep_checkpoints", type=int, help="keep the newest K checkpoints (default 3; 0 = all)")
     g.add_argument("--max_bad_steps", type=int, help="stop after this many non-finite steps in a row (default 10)")
     g.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
@@ -125,6 +127,7 @@ DEFAULTS = {
     "force": False,
     "resume": None,
     "keep_checkpoints": 3,
+    "tensorboard": False,
     "max_bad_steps": 10,
     "device": None,
     "kernels": "fused",
@@ -232,6 +235,11 @@ def resolve_config(argv=None) -> argparse.Namespace:
         raise UsageError(f"--device {c.device}: no CUDA device here")
     if c.precision == "fp16" and not c.device.startswith("cuda"):
         raise UsageError("--precision fp16 needs a CUDA device; use bf16 on CPU")
+    if c.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError as e:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard") from e
     if c.cache_dir is None:
         c.cache_dir = os.environ.get("FASTDISTIL_CACHE") or str(Path.home() / ".cache" / "fastdistil")
     if c.num_proc is None:
@@ -651,6 +659,11 @@ def train(c) -> RunResult:
 
     t_start = time.perf_counter()
     metrics = open(out / "metrics.jsonl", "a", buffering=1)
+    board = None
+    if c.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        board = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
     bar = tqdm(total=total_steps, initial=step, desc="distilling", unit="step", dynamic_ncols=True, disable=None)
     log_every = max(1, total_steps // 20)  # without a terminal (logs, CI) tqdm is off: a line every 5% instead
     optimizer.zero_grad(set_to_none=True)
@@ -663,13 +676,17 @@ def train(c) -> RunResult:
             batches = fd_data.length_grouped_batches(lengths, train_idx, c.batch_size, c.seed, epoch)
             usable = len(batches) - len(batches) % c.gradient_accumulation_steps or len(batches)
             t_step, step_tokens, acc_terms, bad_terms = time.perf_counter(), 0, {}, []
+            data_wait = step_samples = 0
             first = start_batch if epoch == start_epoch else 0
             for i in range(first, usable):
                 idx = batches[i]
+                t_data = time.perf_counter()
                 batch = fd_data.collate(seqs, idx, tok.pad_token_id)
                 ids, labels = masker(batch, mask_gen) if masker is not None else (batch.input_ids, None)
                 ids, mask = ids.to(device), batch.attention_mask.to(device)
                 labels = labels.to(device) if labels is not None else None
+                data_wait += time.perf_counter() - t_data
+                step_samples += len(idx)
                 with autocast(c, device):
                     losses = objective(ids, mask, labels)
                 loss = losses.total / c.gradient_accumulation_steps
@@ -710,6 +727,7 @@ def train(c) -> RunResult:
                             f"(last: {', '.join(sorted(set(bad_terms)))}); lower --learning_rate or check the data"
                         )
                     t_step, step_tokens, acc_terms, bad_terms = time.perf_counter(), 0, {}, []
+                    data_wait = step_samples = 0
                     boundary = {"epoch": epoch, "batch_in_epoch": i + 1, "rng": fd_checkpoint.rng_states(mask_gen)}
                     stop_signal.check()
                     continue
@@ -734,10 +752,16 @@ def train(c) -> RunResult:
                     "grad_norm": float(grad_norm),
                     "tokens": step_tokens,
                     "tokens_per_s": step_tokens / dt,
+                    "samples_per_s": step_samples / dt,
+                    "data_wait_s": data_wait,
                     "step_time_s": dt,
                     "peak_mem_mb": peak_memory_mb(device),
                 }
                 metrics.write(json.dumps(record) + "\n")
+                if board is not None:
+                    for key, value in record.items():
+                        if key not in ("step", "epoch"):
+                            board.add_scalar(f"train/{key}", value, step)
                 if step % c.log_interval == 0 or step == total_steps:
                     bar.set_postfix(
                         {
@@ -761,6 +785,7 @@ def train(c) -> RunResult:
                     mid = evaluate(c, student, teacher, seqs, eval_idx, tok.pad_token_id, masker, device)
                     metrics.write(json.dumps({"step": step, "eval": mid}) + "\n")
                 t_step, step_tokens, acc_terms = time.perf_counter(), 0, {}
+                data_wait = step_samples = 0
                 if step >= total_steps:
                     break
                 stop_signal.check()
@@ -771,6 +796,8 @@ def train(c) -> RunResult:
     finally:
         bar.close()
         metrics.close()
+        if board is not None:
+            board.close()
         stop_signal.restore()
     wall = time.perf_counter() - t_start
     if stop_reason:

@@ -104,9 +104,24 @@ def test_mlm_teacher_end_to_end(tmp_path):
     run = tmp_path / "run"
     steps = _metrics(run)
     assert len(steps) == 24
-    for key in ("loss_ce", "loss_mlm", "loss_cos", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"):
+    for key in (
+        "loss_ce",
+        "loss_mlm",
+        "loss_cos",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "samples_per_s",
+        "data_wait_s",
+        "step_time_s",
+        "peak_mem_mb",
+    ):
         assert all(key in s and s[key] == s[key] for s in steps), key  # present and not NaN
     assert all(s["loss_mlm"] > 0 and s["loss_ce"] > 0 for s in steps)
+    assert all(
+        0 <= s["data_wait_s"] < s["step_time_s"] and s["samples_per_s"] > 0 and s["peak_mem_mb"] > 0 for s in steps
+    )
+    assert all(0 < s["tokens"] <= 8 * 32 for s in steps)  # batch_size 8, max_seq_len 32
     first, last = steps[0], sum(s["loss"] for s in steps[-4:]) / 4
     assert last < 0.8 * first["loss"], (first["loss"], last)
     assert (run / "checkpoints" / "step-10" / "trainer_state.pt").is_file()
@@ -297,3 +312,12 @@ def test_model_mismatches_are_clear_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
         assert not (tmp_path / "bad").exists()
+
+
+def test_tensorboard_logging(tmp_path):
+    pytest.importorskip("tensorboard")  # in the [test] extra
+    teacher = _teacher(tmp_path, mlm=False)
+    c = fd_train.resolve_config(_args(tmp_path, teacher, "tb", "--max_steps", "3", "--tensorboard"))
+    assert fd_train.train(c).exit_code == 0
+    events = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
