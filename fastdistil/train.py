@@ -17,6 +17,7 @@ on the command line win.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from fastdistil import checkpoint as fd_checkpoint
 from fastdistil import data as fd_data
+from fastdistil import distributed as fd_dist
 from fastdistil import models as fd_models
 
 EXIT_USAGE = 2
@@ -468,8 +470,10 @@ class _StopOnSignal:
         self.received = signal.Signals(signum).name
         print(f"\n{self.received}: stopping after this step (send it again to stop now)", file=sys.stderr)
 
-    def check(self):
-        if self.received is not None:
+    def check(self, world=None, device="cpu"):
+        """At a step boundary: stop when any process received a signal (so all stop at the same step)."""
+        received = self.received is not None
+        if world.any(received, device) if world is not None else received:
             raise KeyboardInterrupt
 
     def restore(self):
@@ -492,8 +496,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(x + "\n" for x in kept))
 
 
-def prepare(c):
+def prepare(c, world=None):
     """Everything that can fail on bad input, before anything is written to dump_path."""
+    world = world or fd_dist.World()
     out = check_dump_path(c)
     teacher = fd_models.load_teacher(c.teacher)
     if not teacher.has_mlm_head:
@@ -525,7 +530,11 @@ def prepare(c):
         student = fd_models.student_from_teacher(teacher.model, layers)
     fd_models.check_compatible(student, teacher, need_same_hidden=c.alpha_cos > 0 or c.alpha_mse > 0)
     cache = Path(c.cache_dir)
+    if not world.is_main:  # the first process tokenises and fills the cache; the others then read it
+        world.barrier()
     seqs = fd_data.build_sequences(c.data, teacher.tokenizer, c.max_seq_len, c.min_seq_len, cache, c.num_proc)
+    if world.is_main:
+        world.barrier()
     return out, teacher, student, seqs
 
 
@@ -541,10 +550,21 @@ def train(c) -> RunResult:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # ours is the one bar (not one per weight load / save)
+    world, c.device = fd_dist.setup(c.device)
+    try:
+        return _train(c, world)
+    finally:
+        fd_dist.teardown(world)
+
+
+def _train(c, world: fd_dist.World) -> RunResult:
     torch.manual_seed(c.seed)
     np.random.seed(c.seed)
-    out, teacher, student, seqs = prepare(c)
+    out, teacher, student, seqs = prepare(c, world)
+    torch.manual_seed(c.seed + world.rank)  # dropout differs between processes (DDP syncs the weights)
     device = torch.device(c.device)
+    main = world.is_main
+    say = print if main else (lambda *a, **k: None)  # logs and files: the first process only
     tok = teacher.tokenizer
     lengths = fd_data.sequence_lengths(seqs)
     train_idx, eval_idx = fd_data.split_train_eval(len(seqs), c.eval_fraction, c.seed)
@@ -564,7 +584,8 @@ def train(c) -> RunResult:
     teacher.model.to(device)
     student.to(device)
 
-    batches_per_epoch = math.ceil(len(train_idx) / c.batch_size)
+    global_batch = c.batch_size * world.size  # --batch_size is per process
+    batches_per_epoch = math.ceil(len(train_idx) / global_batch)
     steps_per_epoch = max(1, batches_per_epoch // c.gradient_accumulation_steps)
     total_steps = c.max_steps or steps_per_epoch * c.n_epoch
     n_epochs = math.ceil(total_steps / steps_per_epoch)
@@ -589,6 +610,14 @@ def train(c) -> RunResult:
     )
     scaler = torch.amp.GradScaler(device.type) if c.precision == "fp16" else None
     objective = Objective(c, student, teacher)
+    runner = fd_dist.ObjectiveModule(student, objective)
+    if world.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # find_unused_parameters: e.g. a BERT pooler that the distillation losses never reach.
+        runner = DistributedDataParallel(
+            runner, device_ids=[world.local_rank] if device.type == "cuda" else None, find_unused_parameters=True
+        )
 
     resume_state = None
     if c.resume:
@@ -601,18 +630,22 @@ def train(c) -> RunResult:
         scheduler.load_state_dict(resume_state["scheduler"])
         if scaler is not None and resume_state.get("scaler") is not None:
             scaler.load_state_dict(resume_state["scaler"])
-        print(f"fastdistil: resuming from {ckpt_path} (step {resume_state['step']})", flush=True)
-    elif out.is_dir() and any(out.iterdir()):  # an earlier run, and --force (check_dump_path)
+        say(f"fastdistil: resuming from {ckpt_path} (step {resume_state['step']})", flush=True)
+    elif main and out.is_dir() and any(out.iterdir()):  # an earlier run, and --force (check_dump_path)
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    world.barrier()
     resolved = {k: v for k, v in vars(c).items()}
     resolved.update(
         teacher_has_mlm_head=teacher.has_mlm_head,
         train_sequences=len(train_idx),
         eval_sequences=len(eval_idx),
         total_steps=total_steps,
+        world_size=world.size,
     )
-    (out / "train_config.json").write_text(json.dumps(resolved, indent=2, default=str))
+    if main:
+        (out / "train_config.json").write_text(json.dumps(resolved, indent=2, default=str))
     mode = (
         "the full DistilBERT objective (loss_ce, loss_mlm, loss_cos)"
         if teacher.has_mlm_head
@@ -622,29 +655,37 @@ def train(c) -> RunResult:
             + ")"
         )
     )
-    print(
+    say(
         f"fastdistil: teacher {c.teacher} ({fd_models.num_layers(teacher.model)} layers) -> student "
         f"{fd_models.num_layers(student)} layers{f' {c.student_layers}' if c.student_layers else ''}; {mode}; "
         f"{len(train_idx)} training / {len(eval_idx)} held-out sequences; {total_steps} steps; "
-        f"kernels={c.kernels}, precision={c.precision}, device={device}",
+        f"kernels={c.kernels}, precision={c.precision}, device={device}"
+        + (f", {world.size} processes x {c.batch_size} sequences" if world.active else ""),
         flush=True,
     )
 
-    mask_gen = torch.Generator().manual_seed(c.seed)
+    mask_gen = torch.Generator().manual_seed(c.seed + world.rank)
     step = tokens_seen = start_epoch = start_batch = bad_in_a_row = 0
     if resume_state is None:
-        before = evaluate(c, student, teacher, seqs, eval_idx, tok.pad_token_id, masker, device)
+        before = evaluate(c, student, teacher, seqs, eval_idx, tok.pad_token_id, masker, device) if main else None
     else:  # continue exactly: same step, data position and random streams
         before = resume_state["before"]
         step, tokens_seen = resume_state["step"], resume_state["tokens_seen"]
         start_epoch, start_batch = resume_state["epoch"], resume_state["batch_in_epoch"]
-        fd_checkpoint.restore_rng_states(resume_state["rng"], mask_gen)
-        _truncate_metrics(out / "metrics.jsonl", step)
+        per_rank = resume_state.get("rng_per_rank")
+        rng = per_rank[world.rank] if per_rank and len(per_rank) == world.size else resume_state["rng"]
+        fd_checkpoint.restore_rng_states(rng, mask_gen)
+        if main:
+            _truncate_metrics(out / "metrics.jsonl", step)
     # The state at the last step boundary: where the data order and every random stream stood after the last
     # completed optimizer step. Checkpoints record it, so a stop in the middle of a step resumes exactly.
     boundary = {"epoch": start_epoch, "batch_in_epoch": start_batch, "rng": fd_checkpoint.rng_states(mask_gen)}
 
     def checkpoint(extra=None):
+        rng_per_rank = world.gather(boundary["rng"])  # every process's random streams (a collective: all call it)
+        if not main:
+            world.barrier()
+            return None
         state = {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -653,18 +694,28 @@ def train(c) -> RunResult:
             "tokens_seen": tokens_seen,
             "before": before,
             **boundary,
+            "rng_per_rank": rng_per_rank,
             **(extra or {}),
         }
-        return fd_checkpoint.save(out, step, student, tok, state, keep=c.keep_checkpoints)
+        path = fd_checkpoint.save(out, step, student, tok, state, keep=c.keep_checkpoints)
+        world.barrier()
+        return path
 
     t_start = time.perf_counter()
-    metrics = open(out / "metrics.jsonl", "a", buffering=1)
+    metrics = open(out / "metrics.jsonl", "a", buffering=1) if main else open(os.devnull, "w")
     board = None
-    if c.tensorboard:
+    if c.tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
 
         board = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1)
-    bar = tqdm(total=total_steps, initial=step, desc="distilling", unit="step", dynamic_ncols=True, disable=None)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="distilling",
+        unit="step",
+        dynamic_ncols=True,
+        disable=None if main else True,
+    )
     log_every = max(1, total_steps // 20)  # without a terminal (logs, CI) tqdm is off: a line every 5% instead
     optimizer.zero_grad(set_to_none=True)
     stop_reason = None  # set when the loop ends early: Ctrl-C / SIGTERM, or too many non-finite steps
@@ -673,13 +724,14 @@ def train(c) -> RunResult:
         for epoch in range(start_epoch, n_epochs):
             if step >= total_steps:
                 break
-            batches = fd_data.length_grouped_batches(lengths, train_idx, c.batch_size, c.seed, epoch)
+            batches = fd_data.length_grouped_batches(lengths, train_idx, global_batch, c.seed, epoch)
+            batches = [b for b in batches if len(b) >= world.size]  # every process gets a share of each batch
             usable = len(batches) - len(batches) % c.gradient_accumulation_steps or len(batches)
             t_step, step_tokens, acc_terms, bad_terms = time.perf_counter(), 0, {}, []
             data_wait = step_samples = 0
             first = start_batch if epoch == start_epoch else 0
             for i in range(first, usable):
-                idx = batches[i]
+                idx = batches[i][world.rank :: world.size]  # this process's share of the global batch
                 t_data = time.perf_counter()
                 batch = fd_data.collate(seqs, idx, tok.pad_token_id)
                 ids, labels = masker(batch, mask_gen) if masker is not None else (batch.input_ids, None)
@@ -687,23 +739,35 @@ def train(c) -> RunResult:
                 labels = labels.to(device) if labels is not None else None
                 data_wait += time.perf_counter() - t_data
                 step_samples += len(idx)
-                with autocast(c, device):
-                    losses = objective(ids, mask, labels)
-                loss = losses.total / c.gradient_accumulation_steps
-                if torch.isfinite(losses.total):
+                last_micro = (i + 1) % c.gradient_accumulation_steps == 0
+                sync = contextlib.nullcontext() if last_micro or not world.active else runner.no_sync()
+                with sync:
+                    with autocast(c, device):
+                        total, terms = runner(ids, mask, labels)
+                    # Backward even when the loss is not finite (every process must join DDP's gradient exchange);
+                    # the NaN guard below then drops the whole step.
+                    loss = total / c.gradient_accumulation_steps
                     (scaler.scale(loss) if scaler is not None else loss).backward()
-                else:  # the NaN guard: no backward; the whole optimizer step is skipped below
-                    bad_terms += [k for k, v in losses.terms.items() if not torch.isfinite(v)] or ["total"]
+                if not torch.isfinite(total):
+                    bad_terms += [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
                 step_tokens += batch.n_tokens
-                for k, v in losses.terms.items():
+                for k, v in terms.items():
                     acc_terms[k] = acc_terms.get(k, 0.0) + v.item() / c.gradient_accumulation_steps
-                if (i + 1) % c.gradient_accumulation_steps:
+                if not last_micro:
                     continue
+                if world.active:  # metrics are averages over the processes; tokens and samples are totals
+                    keys = sorted(acc_terms)
+                    means = world.mean(torch.tensor([acc_terms[k] for k in keys], dtype=torch.float64, device=device))
+                    acc_terms = dict(zip(keys, means.tolist()))
+                    counts = world.sum(torch.tensor([step_tokens, step_samples], dtype=torch.float64, device=device))
+                    step_tokens, step_samples = (int(x) for x in counts.tolist())
+                    if world.any(bool(bad_terms), device) and not bad_terms:
+                        bad_terms = ["another process"]
                 if scaler is not None and not bad_terms:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), c.max_grad_norm)
                 if not bad_terms and scaler is None and not torch.isfinite(grad_norm):
-                    bad_terms = ["gradient"]
+                    bad_terms = ["gradient"]  # identical on every process: the gradients were averaged
                 if bad_terms:
                     optimizer.zero_grad(set_to_none=True)
                     bad_in_a_row += 1
@@ -717,7 +781,7 @@ def train(c) -> RunResult:
                         )
                         + "\n"
                     )
-                    print(
+                    say(
                         f"warning: step {step + 1} skipped: non-finite {', '.join(sorted(set(bad_terms)))}",
                         file=sys.stderr,
                     )
@@ -729,7 +793,7 @@ def train(c) -> RunResult:
                     t_step, step_tokens, acc_terms, bad_terms = time.perf_counter(), 0, {}, []
                     data_wait = step_samples = 0
                     boundary = {"epoch": epoch, "batch_in_epoch": i + 1, "rng": fd_checkpoint.rng_states(mask_gen)}
-                    stop_signal.check()
+                    stop_signal.check(world, device)
                     continue
                 bad_in_a_row = 0
                 if scaler is not None:
@@ -772,7 +836,7 @@ def train(c) -> RunResult:
                         refresh=False,
                     )
                 bar.update(1)
-                if bar.disable and (step % log_every == 0 or step == total_steps):
+                if main and bar.disable and (step % log_every == 0 or step == total_steps):
                     terms = " ".join(f"{k}={v:.4f}" for k, v in acc_terms.items())
                     print(
                         f"step {step}/{total_steps} loss={record['loss']:.4f} {terms} "
@@ -781,14 +845,14 @@ def train(c) -> RunResult:
                     )
                 if c.checkpoint_interval and step % c.checkpoint_interval == 0 and step < total_steps:
                     checkpoint()
-                if c.eval_interval and step % c.eval_interval == 0 and step < total_steps:
+                if c.eval_interval and step % c.eval_interval == 0 and step < total_steps and main:
                     mid = evaluate(c, student, teacher, seqs, eval_idx, tok.pad_token_id, masker, device)
                     metrics.write(json.dumps({"step": step, "eval": mid}) + "\n")
                 t_step, step_tokens, acc_terms = time.perf_counter(), 0, {}
                 data_wait = step_samples = 0
                 if step >= total_steps:
                     break
-                stop_signal.check()
+                stop_signal.check(world, device)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see _StopOnSignal)
         stop_reason = "interrupted"
     except FloatingPointError as e:  # raised instead of an optimizer step: the weights are still good
@@ -804,9 +868,12 @@ def train(c) -> RunResult:
         # The state of the last completed step (a partly accumulated step is dropped and redone on --resume).
         optimizer.zero_grad(set_to_none=True)
         ckpt = checkpoint({"interrupted": True})
-        print(f"\n{stop_reason} at step {step}: checkpoint saved to {ckpt} (continue with --resume)", file=sys.stderr)
+        say(f"\n{stop_reason} at step {step}: checkpoint saved to {ckpt} (continue with --resume)", file=sys.stderr)
         return RunResult(130 if stop_reason == "interrupted" else 1, student, None)
 
+    if not main:
+        world.barrier()  # the first process evaluates and writes the student
+        return RunResult(0, student, None)
     fd_models.save_student(student, tok, out / "student")
     after = evaluate(c, student, teacher, seqs, eval_idx, tok.pad_token_id, masker, device)
     summary = {
@@ -827,6 +894,7 @@ def train(c) -> RunResult:
         f"\nstudent saved to {out / 'student'} (load it with transformers.Auto"
         f"{'ModelForMaskedLM' if teacher.has_mlm_head else 'Model'}.from_pretrained)"
     )
+    world.barrier()
     return RunResult(0, student, summary)
 
 
