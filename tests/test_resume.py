@@ -163,3 +163,43 @@ def test_nan_guard_skips_bad_steps_and_stops_after_too_many(tmp_path, monkeypatc
     assert result.exit_code == 1
     err = capsys.readouterr().err
     assert "4 steps in a row had a non-finite loss" in err and "loss_ce" in err
+
+
+def _kill9_during_a_save(tmp_path, teacher, name, steps):
+    """Start a run and kill -9 it while a checkpoint is being written (its hidden temporary directory exists
+    and at least one complete checkpoint precedes it). Returns the name of the half-written directory, or None
+    when the kill landed just after the save completed."""
+    proc = _subprocess_run(tmp_path, teacher, name, *steps)
+    root = tmp_path / name / "checkpoints"
+    t0 = time.time()
+    try:
+        while proc.poll() is None and time.time() - t0 < 120:
+            if root.is_dir():
+                names = [e.name for e in os.scandir(root)]  # one listing: a save in progress and a finished one
+                saving = [n for n in names if n.startswith(".step-")]
+                if saving and any(n.startswith("step-") for n in names):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=60)
+                    return saving[0] if (root / saving[0]).exists() else None
+        raise AssertionError(f"no checkpoint save was caught:\n{proc.stderr.read()[-2000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_kill9_in_the_middle_of_a_checkpoint_save(tmp_path):
+    teacher = _teacher(tmp_path, mlm=False)
+    steps = ["--max_steps", "40", "--checkpoint_interval", "2", "--batch_size", "4", "--learning_rate", "2e-3"]
+    for attempt in range(3):  # the save lasts milliseconds: a kill can land just after it; try again then
+        name = f"run{attempt}"
+        half_written = _kill9_during_a_save(tmp_path, teacher, name, steps)
+        if half_written:
+            break
+    assert half_written, "three kills all missed the save window"
+    newest = fd_checkpoint.complete(tmp_path / name)[0]
+    assert fd_checkpoint.load_state(newest)["step"] < int(half_written.split("-")[1].split(".")[0])
+    assert _run(tmp_path, teacher, name, *steps, "--resume").exit_code == 0
+    assert _run(tmp_path, teacher, "straight", *steps).exit_code == 0
+    straight = transformers.AutoModel.from_pretrained(tmp_path / "straight" / "student").state_dict()
+    resumed = transformers.AutoModel.from_pretrained(tmp_path / name / "student").state_dict()
+    _assert_same_weights(straight, resumed)
