@@ -586,7 +586,12 @@ def _train(c, world: fd_dist.World) -> RunResult:
 
     global_batch = c.batch_size * world.size  # --batch_size is per process
     batches_per_epoch = math.ceil(len(train_idx) / global_batch)
-    steps_per_epoch = max(1, batches_per_epoch // c.gradient_accumulation_steps)
+    if batches_per_epoch < c.gradient_accumulation_steps:
+        raise UsageError(
+            f"--gradient_accumulation_steps {c.gradient_accumulation_steps}: an epoch has only {batches_per_epoch} "
+            f"batches of {global_batch} sequences"
+        )
+    steps_per_epoch = batches_per_epoch // c.gradient_accumulation_steps
     total_steps = c.max_steps or steps_per_epoch * c.n_epoch
     n_epochs = math.ceil(total_steps / steps_per_epoch)
 

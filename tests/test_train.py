@@ -198,6 +198,7 @@ def test_bad_input_is_one_line_with_exit_code_2(tmp_path, capsys):
         (["--word_mask", "0.5"], "must sum to 1"),
         (["--max_seq_len", "1000"], "max_seq_len"),
         (["--max_seq_len", "100"], "at most 64 positions"),
+        (["--gradient_accumulation_steps", "1000"], "an epoch has only"),
     ]
     for extra, message in cases:
         args = _args(tmp_path, mlm_teacher, "bad", "--max_steps", "1") + extra
