@@ -122,7 +122,11 @@ def _split_fn(tokenizer, max_seq_len: int, min_seq_len: int):
     body = max_seq_len - 2
 
     def split(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        # Whole documents, longer than the model takes: they are cut into sequences below (verbose=False: no
+        # "sequence length is longer than the maximum" warning for what is intended).
+        ids = tokenizer(batch["text"], add_special_tokens=False, return_attention_mask=False, verbose=False)[
+            "input_ids"
+        ]
         out = []
         for doc in ids:
             for start in range(0, len(doc), body):

@@ -3,7 +3,9 @@ student from a subset of its layers, and save the student as a plain transformer
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import os
 import re
 import shutil
@@ -72,21 +74,55 @@ def load_teacher(name_or_path: str) -> Teacher:
         raise ModelError(f"--teacher {name_or_path}: no usable tokenizer saved with it ({_first_line(e)})") from e
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"--teacher {name_or_path}: its tokenizer is not a fast tokenizer")
+    keys = _checkpoint_keys(path) if local else None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, info = transformers.AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
-        head_missing = any(_is_mlm_head_key(k) for k in info.get("missing_keys", []))
-        if head_missing:
-            model = transformers.AutoModel.from_pretrained(path)
-    except ValueError:  # no masked-LM class for this config
-        model, head_missing = transformers.AutoModel.from_pretrained(path), True
+        with _quiet(transformers):
+            if keys is not None:  # decide from the weights the checkpoint holds, without a trial load
+                has_head = any(_is_mlm_head_key(k) for k in keys)
+                auto = transformers.AutoModelForMaskedLM if has_head else transformers.AutoModel
+                model = auto.from_pretrained(path)
+            else:  # a hub name: try the masked-LM class and see whether its head was in the checkpoint
+                try:
+                    model, info = transformers.AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+                    has_head = not any(_is_mlm_head_key(k) for k in info.get("missing_keys", []))
+                except ValueError:  # no masked-LM class for this config
+                    model, has_head = None, False
+                if not has_head:
+                    model = transformers.AutoModel.from_pretrained(path)
     except Exception as e:
         raise ModelError(f"--teacher {name_or_path}: cannot load its weights ({_first_line(e)})") from e
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Teacher(model, tokenizer, not head_missing, name_or_path)
+    return Teacher(model, tokenizer, has_head, name_or_path)
+
+
+@contextlib.contextmanager
+def _quiet(transformers):
+    """transformers' load reports and warnings off while loading: a checkpoint without an MLM head loaded as an
+    encoder lists its head as "missing", which is expected here and reads like an error."""
+    previous = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        transformers.utils.logging.set_verbosity(previous)
+
+
+def _checkpoint_keys(path: str) -> set[str] | None:
+    """Names of the weights a local checkpoint holds (from the safetensors header or index), or None."""
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, "pt") as f:
+            return set(f.keys())
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    return None
 
 
 def _is_mlm_head_key(key: str) -> bool:
