@@ -116,17 +116,6 @@ def test_distill_head_fwd_bwd(benchmark, case):
     harness.run(sys.modules[__name__], case, benchmark)
 
 
-def _time_target(other, limit):
-    def check(by_arm, ceiling):
-        ours, base = by_arm.get("ours"), by_arm.get(other)
-        if not (ours and base):
-            return False, "not measured"
-        ratio = ours.median_ms / base.median_ms
-        return ratio <= limit, f"{ratio:.2f}x ({ours.median_ms:.0f} ms vs {base.median_ms:.0f} ms)"
-
-    return check
-
-
 def _memory_target(by_arm, ceiling):
     ours, eager = by_arm.get("ours"), by_arm.get("eager")
     if not (ours and eager):
@@ -140,6 +129,6 @@ def _memory_target(by_arm, ceiling):
 if harness.DEVICE == "cpu":
     harness.TARGETS[("distill_head", harness.case_key({"N": 8192, "dtype": "fp32"}))] = [
         ("peak memory delta <= 10% of eager", _memory_target),
-        ("time <= 1.0x eager", _time_target("eager", 1.0)),
-        ("time <= 1.2x compiled", _time_target("compiled", 1.2)),
+        ("time <= 1.0x eager", harness.time_ratio_target("eager", 1.0)),
+        ("time <= 1.2x compiled", harness.time_ratio_target("compiled", 1.2)),
     ]

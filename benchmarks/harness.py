@@ -154,6 +154,21 @@ STATE: dict = {}
 TARGETS: dict = {}
 
 
+def time_ratio_target(other: str, at_most: float):
+    """A report target: ours' median time / the `other` arm's <= at_most (0.1 = "10x faster", 1.2 = "at most 20%
+    slower"). Returns check(rows_by_arm, ceiling) -> (ok, measured text)."""
+
+    def check(by_arm, ceiling):
+        ours, base = by_arm.get("ours"), by_arm.get(other)
+        if not (ours and base):
+            return False, "not measured"
+        ratio = ours.median_ms / base.median_ms
+        text = f"{ratio:.3f}x the time, {1 / ratio:.1f}x faster ({ours.median_ms:.0f} ms vs {base.median_ms:.0f} ms)"
+        return ratio <= at_most, text
+
+    return check
+
+
 def case_key(case: dict) -> str:
     return json.dumps(case, sort_keys=True)
 

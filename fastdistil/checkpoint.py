@@ -123,9 +123,10 @@ def load_weights(path: Path, student) -> None:
         weights = load_file(f)
     except Exception as e:
         raise CheckpointError(f"{f} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
+    from fastdistil.models import tied_keys
+
     missing, unexpected = student.load_state_dict(weights, strict=False)
-    tied = getattr(student, "_tied_weights_keys", None) or {}
-    missing = [k for k in missing if k not in set(tied if isinstance(tied, (list, set, tuple)) else tied.keys())]
+    missing = [k for k in missing if k not in tied_keys(student)]
     if missing or unexpected:
         raise CheckpointError(f"{f} does not match the student: missing {missing[:3]}, unexpected {unexpected[:3]}")
     student.tie_weights()

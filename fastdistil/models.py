@@ -177,7 +177,7 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
         elif int(m.group(2)) in new_index:
             state[f"{m.group(1)}.{new_index[int(m.group(2))]}.{m.group(3)}"] = value.clone()
     missing, unexpected = student.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in _tied_keys(student)]
+    missing = [k for k in missing if k not in tied_keys(student)]
     if missing or unexpected:
         raise ModelError(
             f"cannot initialise the student from the teacher: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -186,7 +186,8 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
     return student.train()
 
 
-def _tied_keys(model) -> set[str]:
+def tied_keys(model) -> set[str]:
+    """Names of the weights a transformers model ties to others (absent from its saved files)."""
     tied = getattr(model, "_tied_weights_keys", None) or {}
     return set(tied if isinstance(tied, (list, set, tuple)) else tied.keys())
 
