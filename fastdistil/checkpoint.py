@@ -3,12 +3,13 @@
 A checkpoint is a directory <dump_path>/checkpoints/step-N holding the student (save_pretrained: safetensors,
 config, tokenizer) and trainer_state.pt (optimizer, scheduler, GradScaler, step, epoch, position in the epoch's
 batch order, every RNG state). It is written into a hidden temporary directory, every file is fsynced, a
-COMPLETE marker is written last, and only then is the directory renamed into place (and its parent fsynced):
+COMPLETE marker is written, and only then is the directory renamed into place (and its parent fsynced):
 a crash or kill -9 at any moment leaves either the previous checkpoints alone or a new complete one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -62,24 +63,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(run_dir: Path, step: int, student, tokenizer, trainer_state: dict, keep: int = 0) -> Path:
-    """Write checkpoint step-<step> atomically; keep only the newest `keep` complete ones (0 = all)."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"step-{step}", root / f".step-{step}.tmp"
+@contextlib.contextmanager
+def atomic_directory(final: Path):
+    """Yield a hidden temporary directory beside `final` to write into. When the block ends without an error,
+    every file in it is fsynced, it replaces `final` by a rename, and the parent is fsynced: a crash at any
+    earlier moment leaves `final` as it was and only a `.<name>.tmp` directory behind."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    student.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save(trainer_state, tmp / STATE_FILE)
-    _fsync_tree(tmp)
-    (tmp / MARKER).write_text(f"step {step}\n")
+    tmp.mkdir(parents=True)
+    yield tmp
     _fsync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    _fsync_dir(final.parent)
+
+
+def save(run_dir: Path, step: int, student, tokenizer, trainer_state: dict, keep: int = 0) -> Path:
+    """Write checkpoint step-<step> atomically; keep only the newest `keep` complete ones (0 = all)."""
+    final = Path(run_dir) / "checkpoints" / f"step-{step}"
+    with atomic_directory(final) as tmp:
+        student.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        (tmp / MARKER).write_text(f"step {step}\n")
     if keep > 0:
         for old in complete(run_dir)[keep:]:
             shutil.rmtree(old, ignore_errors=True)

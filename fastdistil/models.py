@@ -8,7 +8,6 @@ import copy
 import json
 import os
 import re
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,14 +242,10 @@ def hidden_size(model: nn.Module) -> int:
 
 
 def save_student(student: nn.Module, tokenizer, out_dir: Path) -> None:
-    """save_pretrained (safetensors, config with model_type and architectures) plus the tokenizer, written to a
-    temporary directory and renamed into place: a crash never leaves a half-written student."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    student.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    """save_pretrained (safetensors, config with model_type and architectures) plus the tokenizer, written
+    through fastdistil.checkpoint.atomic_directory: a crash never leaves a half-written student."""
+    from fastdistil.checkpoint import atomic_directory
+
+    with atomic_directory(out_dir) as tmp:
+        student.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
