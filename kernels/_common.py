@@ -19,6 +19,29 @@ def load_row_pair(s_ptr, t_ptr, mask_ptr, row, stride_row, H, HAS_MASK: tl.const
     return s, t, keep, cols, valid
 
 
+@triton.jit
+def online_lse(m, d, x):
+    """Merge a block x into the online log-sum-exp state (m, d = sum exp(. - m)). Returns the new (m, d), the
+    block's exp(x - ref) and the factor exp(m - ref) that rescales anything else kept relative to m; ref is the
+    new max, or 0 while everything seen is -inf (exp(-inf - 0) = 0, never -inf - -inf = NaN)."""
+    new_m = tl.maximum(m, tl.max(x, 0))
+    ref = tl.where(new_m == -float("inf"), 0.0, new_m)
+    rescale = tl.exp(m - ref)
+    e = tl.exp(x - ref)
+    return new_m, d * rescale + tl.sum(e, 0), e, rescale
+
+
+@triton.jit
+def kd_block(m_s, d_s, m_t, d_t, w, s, t):
+    """One block of the one-pass KL(softmax(t) || softmax(s)) statistics (s, t already divided by T): online
+    log-sum-exps of s and t, and the p-weighted sum w of (t - s) kept relative to the teacher's max. Entries with
+    t == -inf have p = 0 and add 0 (not 0 * -inf). KL = w / d_t - lse_t + lse_s."""
+    m_s, d_s, _, _ = online_lse(m_s, d_s, s)
+    m_t, d_t, e_t, rescale = online_lse(m_t, d_t, t)
+    w = w * rescale + tl.sum(tl.where(t == -float("inf"), 0.0, e_t * (t - s)), 0)
+    return m_s, d_s, m_t, d_t, w
+
+
 def mask_arg(row_mask, like):
     """(pointer argument, HAS_MASK) for an optional (N,) bool row mask; `like` stands in when there is none."""
     if row_mask is None:

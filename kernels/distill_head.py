@@ -10,18 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdistil.kernels._common import device_ctx, mask_arg
-
-
-@triton.jit
-def _online(m, d, x):
-    """Merge a block x into the online state (m, d); returns the new (m, d) and the reference used for
-    exp(x - ref) (0 while everything is -inf, so that -inf - -inf never makes a NaN)."""
-    new_m = tl.maximum(m, tl.max(x, 0))
-    ref = tl.where(new_m == -float("inf"), 0.0, new_m)
-    rescale = tl.exp(m - ref)
-    e = tl.exp(x - ref)
-    return new_m, d * rescale + tl.sum(e, 0), e, rescale
+from fastdistil.kernels._common import device_ctx, kd_block, mask_arg, online_lse
 
 
 @triton.jit
@@ -66,12 +55,8 @@ def _distill_epilogue_kernel(
         t_raw = tl.load(t_ptr + cols, mask=valid & in_kl, other=-float("inf")).to(tl.float32)
         s = tl.where(in_kl, s_raw, -float("inf")) * inv_temperature
         t = t_raw * inv_temperature
-        m_s, d_s, _, _ = _online(m_s, d_s, s)
-        new_m_t, d_t, e_t, rescale = _online(m_t, d_t, t)
-        # p == 0 where t == -inf: contributes 0, not 0 * -inf.
-        w = w * rescale + tl.sum(tl.where(t == -float("inf"), 0.0, e_t * (t - s)), 0)
-        m_t = new_m_t
-        m_1, d_1, _, _ = _online(m_1, d_1, tl.where(has_label, s_raw, -float("inf")))
+        m_s, d_s, m_t, d_t, w = kd_block(m_s, d_s, m_t, d_t, w, s, t)
+        m_1, d_1, _, _ = online_lse(m_1, d_1, tl.where(has_label, s_raw, -float("inf")))
     lse_s = m_s + tl.log(d_s)
     lse_t = m_t + tl.log(d_t)
     lse_1 = m_1 + tl.log(d_1)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdistil.kernels._common import device_ctx, mask_arg
+from fastdistil.kernels._common import device_ctx, kd_block, mask_arg
 
 
 @triton.jit
@@ -46,19 +46,7 @@ def _kd_loss_fwd_kernel(
         valid = (cols < V) & keep
         s = tl.load(s_ptr + cols, mask=valid, other=-float("inf")).to(tl.float32) * inv_temperature
         t = tl.load(t_ptr + cols, mask=valid, other=-float("inf")).to(tl.float32) * inv_temperature
-        new_m_s = tl.maximum(m_s, tl.max(s, 0))
-        # While everything seen is -inf, use 0 as the reference: exp(-inf - 0) = 0, never -inf - -inf = NaN.
-        ref_s = tl.where(new_m_s == -float("inf"), 0.0, new_m_s)
-        d_s = d_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(s - ref_s), 0)
-        m_s = new_m_s
-        new_m_t = tl.maximum(m_t, tl.max(t, 0))
-        ref_t = tl.where(new_m_t == -float("inf"), 0.0, new_m_t)
-        e = tl.exp(t - ref_t)
-        rescale = tl.exp(m_t - ref_t)
-        d_t = d_t * rescale + tl.sum(e, 0)
-        # p == 0 where t == -inf: contributes 0, not 0 * -inf.
-        w = w * rescale + tl.sum(tl.where(t == -float("inf"), 0.0, e * (t - s)), 0)
-        m_t = new_m_t
+        m_s, d_s, m_t, d_t, w = kd_block(m_s, d_s, m_t, d_t, w, s, t)
     lse_s = m_s + tl.log(d_s)
     lse_t = m_t + tl.log(d_t)
     kl = w / d_t - lse_t + lse_s
