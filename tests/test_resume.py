@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from fastdistil import checkpoint as fd_checkpoint  # noqa: E402
 from fastdistil import train as fd_train  # noqa: E402
-from tests.test_train import _args, _teacher  # noqa: E402
+from tests.test_train import _args, _interrupt_on_call, _teacher  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,16 +48,7 @@ def test_resume_after_an_interrupt_is_bit_identical(tmp_path, monkeypatch):
     teacher = _teacher(tmp_path, mlm=True)
     assert _run(tmp_path, teacher, "straight", *STEPS).exit_code == 0
 
-    calls = {"n": 0}
-    real_call = fd_train.Objective.__call__
-
-    def interrupt_in_step_7(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real_call(self, *args)
-
-    monkeypatch.setattr(fd_train.Objective, "__call__", interrupt_in_step_7)
+    _interrupt_on_call(monkeypatch, 7)  # in the middle of step 7
     assert _run(tmp_path, teacher, "resumed", *STEPS).exit_code == 130
     monkeypatch.undo()
     assert [p.name for p in fd_checkpoint.complete(tmp_path / "resumed")] == ["step-6", "step-3"]

@@ -266,18 +266,23 @@ def test_length_grouped_batches_cover_every_index_once():
     assert [list(b) for b in batches] == [list(b) for b in fd_data.length_grouped_batches(lengths, idx, 16, 1, 0)]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):
-    teacher = _teacher(tmp_path, mlm=True)
+def _interrupt_on_call(monkeypatch, n):
+    """The n-th call of the training objective raises KeyboardInterrupt: a Ctrl-C in the middle of a step."""
     calls = {"n": 0}
     real_call = fd_train.Objective.__call__
 
-    def interrupt_on_third_batch(self, *args):
+    def call(self, *args):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real_call(self, *args)
 
-    monkeypatch.setattr(fd_train.Objective, "__call__", interrupt_on_third_batch)
+    monkeypatch.setattr(fd_train.Objective, "__call__", call)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):
+    teacher = _teacher(tmp_path, mlm=True)
+    _interrupt_on_call(monkeypatch, 3)
     result = fd_train.train(fd_train.resolve_config(_args(tmp_path, teacher, "int", "--max_steps", "10")))
     assert result.exit_code == 130
     ckpt = tmp_path / "int" / "checkpoints" / "step-2"
