@@ -93,9 +93,11 @@ def has_native(private_op) -> bool:
 
 
 def cpu_impl(op: str, impls: dict) -> str:
-    """Name of the implementation for the CPU slot: the C++ kernel, or the reference (with a warning)."""
-    if has_native(impls["cpu_cpp"]):
-        return "cpu_cpp"
+    """Name of the implementation for the CPU slot: the op's CPU kernel ("cpu_cpp" from csrc/, or a library
+    kernel such as "cpu_sdpa"), or the reference (with a warning) when the C++ one is not built."""
+    for name in impls:
+        if name.startswith("cpu_") and (name != "cpu_cpp" or has_native(impls[name])):
+            return name
     _warn_once(
         "cpu",
         f"fastdistil: {NATIVE_PROBLEM or 'the C++ CPU kernels are not registered'}. "

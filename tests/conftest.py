@@ -19,7 +19,13 @@ from fastdistil import backend  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"  # the interpreter runs Triton on CPU tensors
-IMPL_DEVICE = {"reference": "cpu", "cpu_cpp": "cpu", "cuda_cpp": "cuda", "cuda_triton": TRITON_DEVICE}
+IMPL_DEVICE = {
+    "reference": "cpu",
+    "cpu_cpp": "cpu",
+    "cpu_sdpa": "cpu",
+    "cuda_cpp": "cuda",
+    "cuda_triton": TRITON_DEVICE,
+}
 
 
 def output_rounding_slack(impl: str, dtype: torch.dtype) -> float:

@@ -20,6 +20,7 @@ def test_every_op_is_wired():
     assert PUBLIC_OPS == sorted(f"fastdistil::{public}" for op in OPS for public in backend.WIRED[op])
     assert backend.WIRED["kd_loss"] == ("kd_loss_fwd", "kd_loss_bwd")
     assert backend.WIRED["distill_head"] == ("distill_epilogue",)
+    assert backend.WIRED["attention"] == ("attention_fwd", "attention_bwd")
 
 
 @pytest.mark.parametrize("op", PUBLIC_OPS)
@@ -33,7 +34,10 @@ def test_one_kernel_per_device_and_no_silent_default(op):
 def test_cpu_slot_runs_the_cpp_kernel_when_built():
     if backend.NATIVE is None:
         pytest.skip(f"native extension not loaded: {backend.NATIVE_PROBLEM}")
-    assert {impl for (_, device, impl) in backend.table() if device == "cpu"} == {"cpu_cpp"}
+    cpu = {op: impl for (op, device, impl) in backend.table() if device == "cpu"}
+    # attention's CPU slot is ATen's CPU flash kernel (fastdistil has no C++ attention); every other op is ours
+    assert cpu.pop("fastdistil::attention_fwd") == cpu.pop("fastdistil::attention_bwd") == "cpu_sdpa"
+    assert set(cpu.values()) == {"cpu_cpp"}
 
 
 def test_import_emits_no_warnings_and_no_kernel_override():

@@ -9,13 +9,14 @@ op_module("kd_loss") returns the file's module, with its references and *_IMPLS 
 import importlib
 from types import ModuleType
 
+from fastdistil.ops.attention import attention, attention_varlen
 from fastdistil.ops.cosine_loss import cosine_loss
 from fastdistil.ops.distill_head import fused_distill_head
 from fastdistil.ops.kd_loss import kd_loss
 
-OPS = ("kd_loss", "cosine_loss", "distill_head")
+OPS = ("kd_loss", "cosine_loss", "distill_head", "attention")
 
-__all__ = ["OPS", "cosine_loss", "fused_distill_head", "kd_loss", "op_module"]
+__all__ = ["OPS", "attention", "attention_varlen", "cosine_loss", "fused_distill_head", "kd_loss", "op_module"]
 
 
 def op_module(name: str) -> ModuleType:
