@@ -10,10 +10,16 @@ from fastdistil import (
 )
 from fastdistil.heads import MLMDistiller, mlm_parts
 from fastdistil.nn import CosineLoss, DistillHead, KDLoss
-from fastdistil.ops import cosine_loss, fused_distill_head, kd_loss
+from fastdistil.ops import attention, attention_varlen, cosine_loss, fused_distill_head, kd_loss
+from fastdistil.patch import is_patched, patch_model, unpatch_model
 
 __version__ = "0.1.0"
 __all__ = [
+    "attention",
+    "attention_varlen",
+    "is_patched",
+    "patch_model",
+    "unpatch_model",
     "CosineLoss",
     "DistillHead",
     "KDLoss",

@@ -37,6 +37,7 @@ from fastdistil import checkpoint as fd_checkpoint
 from fastdistil import data as fd_data
 from fastdistil import distributed as fd_dist
 from fastdistil import models as fd_models
+from fastdistil import patch as fd_patch
 
 EXIT_USAGE = 2
 BUILTIN_MAX_STEPS = 150  # the no-argument job: about ten minutes on two CPU cores
@@ -73,6 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu or cuda[:N] (default: cuda when available)")
     g.add_argument("--kernels", choices=["fused", "reference"], help="fused ops (default) or the pure-PyTorch baseline")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (default fp32)")
+    g.add_argument(
+        "--attention",
+        choices=["auto", "fastdistil", "fastdistil_varlen", "sdpa", "eager"],
+        help="attention of teacher and student: fastdistil's op on padded batches, fastdistil_varlen on the "
+        "unpadded tokens, or transformers' sdpa / eager (default auto: fastdistil_varlen on CUDA with --kernels "
+        "fused, else sdpa)",
+    )
     g.add_argument("--seed", type=int, help="random seed (default 56)")
     g.add_argument("--cache_dir", help="tokenised-data cache (default: $FASTDISTIL_CACHE or ~/.cache/fastdistil)")
     g.add_argument("--num_proc", type=int, help="tokenisation processes (default: CPU count)")
@@ -134,6 +142,7 @@ DEFAULTS = {
     "device": None,
     "kernels": "fused",
     "precision": "fp32",
+    "attention": "auto",
     "seed": 56,
     "cache_dir": None,
     "num_proc": None,
@@ -405,6 +414,22 @@ def evaluate(c, student, teacher: fd_models.Teacher, seqs, eval_idx, pad_id, mas
     return out
 
 
+def resolve_attention(choice: str, kernels: str, device: torch.device) -> str:
+    """auto: fastdistil's Triton attention on the unpadded tokens on CUDA; on CPU transformers' sdpa, which runs
+    the same ATen kernel as fastdistil's CPU slot without paying for a reproducible dropout mask."""
+    if choice != "auto":
+        return choice
+    return "fastdistil_varlen" if device.type == "cuda" and kernels == "fused" else "sdpa"
+
+
+def set_attention(model, attention: str) -> None:
+    if attention.startswith("fastdistil"):
+        fd_patch.patch_model(model, unpad=attention == "fastdistil_varlen")
+    else:
+        fd_patch.unpatch_model(model)
+        model.set_attn_implementation(attention)
+
+
 def autocast(c, device):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.precision)
     return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
@@ -583,6 +608,9 @@ def _train(c, world: fd_dist.World) -> RunResult:
         )
     teacher.model.to(device)
     student.to(device)
+    attention = resolve_attention(c.attention, c.kernels, device)
+    for model in (teacher.model, student):
+        set_attention(model, attention)
 
     global_batch = c.batch_size * world.size  # --batch_size is per process
     batches_per_epoch = math.ceil(len(train_idx) / global_batch)
@@ -664,7 +692,7 @@ def _train(c, world: fd_dist.World) -> RunResult:
         f"fastdistil: teacher {c.teacher} ({fd_models.num_layers(teacher.model)} layers) -> student "
         f"{fd_models.num_layers(student)} layers{f' {c.student_layers}' if c.student_layers else ''}; {mode}; "
         f"{len(train_idx)} training / {len(eval_idx)} held-out sequences; {total_steps} steps; "
-        f"kernels={c.kernels}, precision={c.precision}, device={device}"
+        f"kernels={c.kernels}, attention={attention}, precision={c.precision}, device={device}"
         + (f", {world.size} processes x {c.batch_size} sequences" if world.active else ""),
         flush=True,
     )

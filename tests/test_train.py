@@ -4,6 +4,7 @@ transformers and reproduces the trained model's outputs, fused and reference ker
 and bad input gets one clear line with exit code 2 and nothing written."""
 
 import json
+import math
 import random
 
 import pytest
@@ -327,3 +328,22 @@ def test_tensorboard_logging(tmp_path):
     assert fd_train.train(c).exit_code == 0
     events = list((tmp_path / "tb" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_fastdistil_attention_inside_teacher_and_student(tmp_path, capsys):
+    """--attention fastdistil_varlen: both models run the op on the unpadded tokens (with dropout in the student),
+    the run converges like one on transformers' sdpa, and the saved student is a plain transformers checkpoint."""
+    teacher = _teacher(tmp_path)
+    runs = {}
+    for attention in ("fastdistil_varlen", "sdpa"):
+        r = fd_train.train(
+            fd_train.resolve_config(_args(tmp_path, teacher, attention, "--max_steps", "6", "--attention", attention))
+        )
+        assert r.exit_code == 0
+        runs[attention] = _metrics(tmp_path / attention)
+    assert "attention=fastdistil_varlen" in capsys.readouterr().out
+    ours, theirs = runs["fastdistil_varlen"][-1], runs["sdpa"][-1]
+    assert all(math.isfinite(v) for k, v in ours.items() if k.startswith("loss"))
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=0.1)  # dropout masks differ; the run does not
+    config = (tmp_path / "fastdistil_varlen" / "student" / "config.json").read_text()
+    assert "fastdistil" not in config
