@@ -217,6 +217,8 @@ def load(path: str) -> fd_eval.Model:
 
 
 def compress(c) -> list[dict]:
+    if not c.progress:
+        fd_eval.quiet_libraries()
     src = fd_eval.load_model(c.model)
     if src.format != "transformers":
         raise fd_eval.EvalError(
@@ -238,7 +240,7 @@ def compress(c) -> list[dict]:
     print(f"wrote {out} ({c.method}); evaluating before / after", flush=True)
     c.teacher, c.students, c.probe = c.model, [str(out)], True
     c.out = str(out / "compression-report")
-    return fd_eval.run(c)
+    return fd_eval.run(c, roles=("before", "after"))
 
 
 def build_parser() -> argparse.ArgumentParser:

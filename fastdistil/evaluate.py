@@ -527,8 +527,9 @@ def quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def run(c) -> list[dict]:
-    """Evaluate c.teacher and c.students; returns the rows (teacher first) and writes the report files."""
+def run(c, roles=("teacher", "student")) -> list[dict]:
+    """Evaluate c.teacher and c.students; returns the rows (teacher first) and writes the report files. `roles`
+    names the reference and the others in the table (fastdistil.compress: "before", "after")."""
     device = torch.device(c.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     say = print if c.progress else (lambda *a, **k: None)
     if not c.progress:
@@ -544,7 +545,7 @@ def run(c) -> list[dict]:
     for m in (teacher, *students):
         m.model.to(device).eval()
     rows = []
-    for role, m in [("teacher", teacher)] + [("student", s) for s in students]:
+    for role, m in [(roles[0], teacher)] + [(roles[1], s) for s in students]:
         say(f"evaluating {role} {m.name}", flush=True)
         total, nonzero = count_parameters(m.model)
         row = {"role": role, "name": m.name, "format": m.format, "params_m": total / 1e6}

@@ -54,7 +54,8 @@ class _UnpadCache:
     """Every layer of one forward pass gets the same mask tensor: unpad it once (one host read), not per layer."""
 
     def __init__(self):
-        self.mask = None
+        self.mask = None  # the last mask seen (a strong reference: identity + version say it is unchanged)
+        self.version = -1
         self.value = None
 
     def __call__(self, mask):

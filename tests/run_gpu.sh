@@ -21,10 +21,16 @@ timeout 300 python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tail -40 | t
 
 # Benchmarks on CUDA tensors (arms: eager, compiled, ours with each CUDA implementation); pytest-benchmark
 # when the machine has it, else the same cases through benchmarks/run.py.
+# Attention first (its own record, cuda-attention.json): ours vs SDPA with / without the padding mask vs eager.
 if python -c "import pytest_benchmark" 2>/dev/null; then
-  FASTDISTIL_BENCH_OUT=cuda.json timeout 400 python -m pytest benchmarks --benchmark-only -q -p no:cacheprovider \
-    --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench.txt" | sed -n '/fastdistil benchmark report/,$p'
+  FASTDISTIL_BENCH_OUT=cuda-attention.json timeout 150 python -m pytest benchmarks/bench_attention.py --benchmark-only \
+    -q -p no:cacheprovider --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench-attention.txt" \
+    | sed -n '/fastdistil benchmark report/,$p'
+  FASTDISTIL_BENCH_OUT=cuda.json timeout 300 python -m pytest benchmarks --ignore=benchmarks/bench_attention.py \
+    --benchmark-only -q -p no:cacheprovider --benchmark-columns=median,rounds 2>&1 | tee "$OUT/bench.txt" \
+    | sed -n '/fastdistil benchmark report/,$p'
 else
-  timeout 400 python -m benchmarks.run --out cuda.json 2>&1 | tee "$OUT/bench.txt"
+  timeout 150 python -m benchmarks.run attention --out cuda-attention.json 2>&1 | tee "$OUT/bench-attention.txt"
+  timeout 300 python -m benchmarks.run cosine_loss distill_head kd_loss train_step --out cuda.json 2>&1 | tee "$OUT/bench.txt"
 fi
-cp benchmarks/results/cuda.json "$OUT/" 2>/dev/null || true
+cp benchmarks/results/cuda.json benchmarks/results/cuda-attention.json "$OUT/" 2>/dev/null || true

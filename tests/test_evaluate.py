@@ -241,6 +241,7 @@ def test_magnitude_pruning_reaches_the_sparsity_and_stays_plain_transformers(wor
         > 0.99 * model.bert.embeddings.word_embeddings.weight.numel()
     )
     before, after = json.loads((out / "compression-report" / "report.json").read_text())["rows"]
+    assert (before["role"], after["role"]) == ("before", "after")
     assert after["nonzero_params_m"] < 0.9 * before["params_m"]
 
 
