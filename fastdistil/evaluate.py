@@ -173,11 +173,6 @@ def measure_latency(model, vocab_size, batch_size, seq_len, device, warmup=3, re
 # Held-out text: MLM metrics and embedding cosine
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
 def mask_tokens(batch: fd_data.Batch, special_ids, mask_id: int, generator: torch.Generator, prop: float = 0.15):
     """(masked ids, labels): `prop` of each batch's real, non-special tokens (at least one) become [MASK];
     labels hold their original ids and -100 elsewhere. The same generator state gives the same positions."""
@@ -234,8 +229,12 @@ def text_metrics(m: Model, teacher: Model, batches, device) -> dict:
                     logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True, reduction="sum"
                 ).item()
         if same_width:
-            e = mean_pool(encoder(m.model)(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask)
-            t = mean_pool(encoder(teacher.model)(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask)
+            e = fd_models.mean_pool(
+                encoder(m.model)(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask
+            )
+            t = fd_models.mean_pool(
+                encoder(teacher.model)(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask
+            )
             cos_sum += F.cosine_similarity(e, t, dim=-1).sum().item()
             n_seq += ids.shape[0]
     if mlm and n_masked:
@@ -380,7 +379,7 @@ def _embed(enc, tokenizer, texts, max_len, batch_size, device) -> torch.Tensor:
     for s in range(0, len(texts), batch_size):
         b = _encode(tokenizer, texts[s : s + batch_size], max_len).to(device)
         h = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-        out.append(mean_pool(h.float(), b["attention_mask"]))
+        out.append(fd_models.mean_pool(h.float(), b["attention_mask"]))
     return torch.cat(out)
 
 
@@ -432,7 +431,9 @@ def classify(m: Model, data: Labelled, c, device) -> dict:
                 idx = order[s : s + c.finetune_batch_size]
                 b = _encode(m.tokenizer, [train_texts[i] for i in idx], c.max_seq_len).to(device)
                 h = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-                loss = F.cross_entropy(head(mean_pool(h.float(), b["attention_mask"])), y_train[idx].to(device))
+                loss = F.cross_entropy(
+                    head(fd_models.mean_pool(h.float(), b["attention_mask"])), y_train[idx].to(device)
+                )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

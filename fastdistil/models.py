@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 BUILTIN_TEACHER = "builtin:all-MiniLM-L6-v2"
@@ -235,6 +236,12 @@ def check_compatible(student: nn.Module, teacher: Teacher, need_same_hidden: boo
             f"student hidden size {s_h} != teacher hidden size {t_h}: the cosine/MSE losses on hidden states need "
             "equal sizes (set --alpha_cos 0 --alpha_mse 0, or use a student of the teacher's width)"
         )
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embeddings: the mean of the hidden states (B, L, H) over the real tokens of mask (B, L)."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def hidden_size(model: nn.Module) -> int:

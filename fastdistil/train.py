@@ -288,11 +288,6 @@ class Losses:
     terms: dict  # name -> detached scalar tensor
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-
-
 class Objective:
     """The weighted DistilBERT loss for one batch, through the fused ops or the pure-PyTorch references."""
 
@@ -346,7 +341,9 @@ class Objective:
             cos = cosine_loss if self.fused else op_module("cosine_loss").cosine_loss_ref
             terms["loss_cos"] = cos(s_hidden, t_hidden, rows) if c.alpha_cos > 0 else s_hidden.new_zeros(())
         if c.alpha_mse > 0:
-            terms["loss_mse"] = F.mse_loss(mean_pool(s_hidden.float(), rows), mean_pool(t_hidden.float(), rows))
+            terms["loss_mse"] = F.mse_loss(
+                fd_models.mean_pool(s_hidden.float(), rows), fd_models.mean_pool(t_hidden.float(), rows)
+            )
         weights = {"loss_ce": c.alpha_ce, "loss_mlm": c.alpha_mlm, "loss_cos": c.alpha_cos, "loss_mse": c.alpha_mse}
         total = sum(weights[k] * v.float() for k, v in terms.items() if weights[k])
         if not isinstance(total, torch.Tensor):
@@ -382,7 +379,9 @@ def evaluate(c, student, teacher: fd_models.Teacher, seqs, eval_idx, pad_id, mas
             t_out = teacher.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         s_h, t_h = s_out.hidden_states[-1].float(), t_out.hidden_states[-1].float()
         rows = mask.bool()
-        sums["emb_cos"] += F.cosine_similarity(mean_pool(s_h, rows), mean_pool(t_h, rows), dim=-1).sum().item()
+        sums["emb_cos"] += (
+            F.cosine_similarity(fd_models.mean_pool(s_h, rows), fd_models.mean_pool(t_h, rows), dim=-1).sum().item()
+        )
         sums["tok_cos"] += F.cosine_similarity(s_h[rows], t_h[rows], dim=-1).sum().item()
         n_seq += ids.shape[0]
         n_tok += int(rows.sum())

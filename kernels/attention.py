@@ -65,6 +65,23 @@ def _seq_bounds(cu_ptr, kv_end_ptr, b, L, IS_VARLEN: tl.constexpr, HAS_KV_END: t
 
 
 @triton.jit
+def _program_tile(cu_ptr, kv_end_ptr, H, L, D, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK: tl.constexpr,
+                  BLOCK_D: tl.constexpr):  # fmt: skip
+    """What every program starts from: its batch*head index bh = program_id(1) (and b, h), its sequence (first
+    token, length, keys to visit), and its tile of BLOCK positions (program_id(0)): the positions in the sequence,
+    the lanes of D in use, the (BLOCK, BLOCK_D) load mask and the absolute row indices."""
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start, seqlen, kv_end = _seq_bounds(cu_ptr, kv_end_ptr, b, L, IS_VARLEN, HAS_KPM)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    tile_mask = (offs < seqlen)[:, None] & dmask[None, :]
+    return bh, b, h, start, seqlen, kv_end, offs, offs_d, dmask, tile_mask, (start + offs).to(tl.int64)
+
+
+@triton.jit
 def _key_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM: tl.constexpr):
     valid = offs_n < kv_end
     if HAS_KPM:
@@ -82,18 +99,11 @@ def _attn_fwd_kernel(
     HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    start, seqlen, kv_end = _seq_bounds(cu_ptr, kv_end_ptr, b, L, IS_VARLEN, HAS_KPM)
-    if pid_m * BLOCK_M >= seqlen:
+    bh, b, h, start, seqlen, kv_end, offs_m, offs_d, dmask, qmask, rows = _program_tile(
+        cu_ptr, kv_end_ptr, H, L, D, IS_VARLEN, HAS_KPM, BLOCK_M, BLOCK_D
+    )
+    if tl.program_id(0) * BLOCK_M >= seqlen:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    rows = (start + offs_m).to(tl.int64)
-    qmask = (offs_m < seqlen)[:, None] & dmask[None, :]
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], mask=qmask, other=0.0)
     k_base = K + b * skb + h * skh + start.to(tl.int64) * skm
     v_base = V + b * svb + h * svh + start.to(tl.int64) * svm
@@ -152,18 +162,12 @@ def _attn_bwd_dkdv_kernel(
     HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
+    bh, b, h, start, seqlen, kv_end, offs_n, offs_d, dmask, nmask, cols = _program_tile(
+        cu_ptr, kv_end_ptr, H, L, D, IS_VARLEN, HAS_KPM, BLOCK_N, BLOCK_D
+    )
     pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    start, seqlen, kv_end = _seq_bounds(cu_ptr, kv_end_ptr, b, L, IS_VARLEN, HAS_KPM)
     if pid_n * BLOCK_N >= seqlen:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    cols = (start + offs_n).to(tl.int64)
-    nmask = (offs_n < seqlen)[:, None] & dmask[None, :]
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if pid_n * BLOCK_N < kv_end:  # key blocks past the last kept key get exact zeros
@@ -207,19 +211,12 @@ def _attn_bwd_dq_kernel(
     HAS_KPM: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    start, seqlen, kv_end = _seq_bounds(cu_ptr, kv_end_ptr, b, L, IS_VARLEN, HAS_KPM)
-    if pid_m * BLOCK_M >= seqlen:
+    bh, b, h, start, seqlen, kv_end, offs_m, offs_d, dmask, mmask, rows = _program_tile(
+        cu_ptr, kv_end_ptr, H, L, D, IS_VARLEN, HAS_KPM, BLOCK_M, BLOCK_D
+    )
+    if tl.program_id(0) * BLOCK_M >= seqlen:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    rows = (start + offs_m).to(tl.int64)
     in_seq = offs_m < seqlen
-    mmask = in_seq[:, None] & dmask[None, :]
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], mask=mmask, other=0.0)
     do = tl.load(DO + b * sdob + h * sdoh + rows[:, None] * sdom + offs_d[None, :], mask=mmask, other=0.0)
     l_offs = b * slb + h * slh + start + offs_m
