@@ -82,6 +82,18 @@ def _program_tile(cu_ptr, kv_end_ptr, H, L, D, IS_VARLEN: tl.constexpr, HAS_KPM:
 
 
 @triton.jit
+def _key_block(k_base, v_base, skm, svm, kpm_ptr, b, L, n0, kv_end, offs_d, dmask, HAS_KPM: tl.constexpr,
+               BLOCK_N: tl.constexpr):  # fmt: skip
+    """Keys n0 .. n0 + BLOCK_N of one sequence: their positions, which are attended to, and the K and V tiles."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    kvalid = _key_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
+    kvmask = (offs_n < kv_end)[:, None] & dmask[None, :]
+    k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :], mask=kvmask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_d[None, :], mask=kvmask, other=0.0)
+    return offs_n, kvalid, k, v
+
+
+@triton.jit
 def _key_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM: tl.constexpr):
     valid = offs_n < kv_end
     if HAS_KPM:
@@ -112,10 +124,9 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(s - m), dropout NOT applied
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, kv_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kvalid = _key_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
-        kvmask = (offs_n < kv_end)[:, None] & dmask[None, :]
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :], mask=kvmask, other=0.0)
+        offs_n, kvalid, k, v = _key_block(
+            k_base, v_base, skm, svm, kpm_ptr, b, L, n0, kv_end, offs_d, dmask, HAS_KPM, BLOCK_N
+        )
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where(kvalid[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -127,7 +138,6 @@ def _attn_fwd_kernel(
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, L, offs_m, offs_n, threshold)
             p = tl.where(keep, p * drop_scale, 0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_d[None, :], mask=kvmask, other=0.0)
         acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     has_keys = l_i > 0
@@ -226,11 +236,9 @@ def _attn_bwd_dq_kernel(
     v_base = V + b * svb + h * svh + start.to(tl.int64) * svm
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(0, kv_end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        kvalid = _key_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
-        kvmask = (offs_n < kv_end)[:, None] & dmask[None, :]
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :], mask=kvmask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_d[None, :], mask=kvmask, other=0.0)
+        offs_n, kvalid, k, v = _key_block(
+            k_base, v_base, skm, svm, kpm_ptr, b, L, n0, kv_end, offs_d, dmask, HAS_KPM, BLOCK_N
+        )
         p = _scores_and_probs(q, k, lse2, kvalid, qk_scale, DOT_PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
