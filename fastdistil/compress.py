@@ -239,6 +239,8 @@ def compress(c) -> list[dict]:
     save(src, model, c.method, out, info)
     print(f"wrote {out} ({c.method}); evaluating before / after", flush=True)
     c.teacher, c.students, c.probe = c.model, [str(out)], True
+    if c.method == "int8":
+        c.device = "cpu"  # dynamically quantized Linear layers run on the CPU only: compare both there
     c.out = str(out / "compression-report")
     return fd_eval.run(c, roles=("before", "after"))
 

@@ -201,7 +201,10 @@ def heldout_batches(spec: str, tokenizer, c) -> list[tuple[torch.Tensor, torch.T
     out = []
     for start in range(0, len(eval_idx), c.eval_batch_size):
         batch = fd_data.collate(seqs, eval_idx[start : start + c.eval_batch_size], tokenizer.pad_token_id)
-        masked, labels = mask_tokens(batch, tokenizer.all_special_ids, tokenizer.mask_token_id, g)
+        if tokenizer.mask_token_id is None:  # no [MASK] token: no MLM metrics, the embeddings still compare
+            masked, labels = batch.input_ids, torch.full_like(batch.input_ids, -100)
+        else:
+            masked, labels = mask_tokens(batch, tokenizer.all_special_ids, tokenizer.mask_token_id, g)
         out.append((masked, batch.attention_mask, labels, batch.input_ids))
     return out
 
@@ -542,6 +545,8 @@ def run(c, roles=("teacher", "student")) -> list[dict]:
     students = [load_model(s) for s in c.students]
     for s in students:
         check_same_tokenizer(teacher, s)
+        if s.format == "int8" and device.type != "cpu":
+            raise EvalError(f"{s.name}: dynamically quantized int8 models run on the CPU only; use --device cpu")
     batches = heldout_batches(c.data, teacher.tokenizer, c) if c.data else []
     for m in (teacher, *students):
         m.model.to(device).eval()
