@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import fastdistil
 from benchmarks import harness
 from fastdistil.ops import op_module
+from fastdistil.ops.attention import unpad_indices
 
 A = op_module("attention")
 HEADS, D = 12, 64
@@ -50,10 +51,8 @@ def make_step(arm, B, L, pad, mode):
     qkv = [torch.randn(B, L, HEADS, D, generator=g).to(harness.DEVICE, DTYPE) for _ in range(3)]
     mask = (torch.arange(L)[None, :] < lengths(B, L, pad)[:, None]).to(harness.DEVICE)
     if arm == "ours_varlen":
-        indices = mask.reshape(-1).nonzero().squeeze(1)
-        cu = torch.nn.functional.pad(mask.sum(-1).cumsum(0), (1, 0)).to(torch.int32)
+        indices, cu, max_seqlen = unpad_indices(mask)
         leaves = [x.reshape(B * L, HEADS, D)[indices].requires_grad_(backward) for x in qkv]
-        max_seqlen = int(mask.sum(-1).max())
 
         def run():
             return fastdistil.attention_varlen(*leaves, cu, max_seqlen)

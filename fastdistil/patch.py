@@ -20,11 +20,10 @@ positions that are not padding match.
 
 from __future__ import annotations
 
-import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from fastdistil.ops.attention import attention, attention_varlen, pad_output
+from fastdistil.ops.attention import attention, attention_varlen, pad_output, unpad_indices
 
 IMPL = "fastdistil"
 IMPL_VARLEN = "fastdistil_varlen"
@@ -60,11 +59,8 @@ class _UnpadCache:
 
     def __call__(self, mask):
         if mask is not self.mask or mask._version != self.version:
-            lengths = mask.sum(-1, dtype=torch.int32)
-            indices = mask.reshape(-1).nonzero().squeeze(1)
-            cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
             self.mask, self.version = mask, mask._version
-            self.value = indices, cu, int(lengths.max()) if lengths.numel() else 0
+            self.value = unpad_indices(mask)
         return self.value
 
 

@@ -82,14 +82,17 @@ def dropout_keep_ref(seed: int, batch_heads: int, L: int, dropout_p: float, devi
     return (x >> 8) >= dropout_threshold(dropout_p)
 
 
-def _padded(x: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> tuple[Tensor, Tensor]:
-    """(T, heads, D) -> (B, heads, max_seqlen, D) zero-padded, and the (B, max_seqlen) keep mask."""
+def _varlen_mask(cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+    """(B, max_seqlen) bool: which positions of each sequence of a varlen batch exist."""
     lengths = cu_seqlens.diff().long()
-    B = lengths.numel()
-    mask = torch.arange(max_seqlen, device=x.device)[None, :] < lengths[:, None]
-    out = x.new_zeros((B, max_seqlen, *x.shape[1:]))
+    return torch.arange(max_seqlen, device=cu_seqlens.device)[None, :] < lengths[:, None]
+
+
+def _padded(x: Tensor, mask: Tensor) -> Tensor:
+    """(T, heads, D) -> (B, heads, L, D), zero where mask (B, L) is False."""
+    out = x.new_zeros((*mask.shape, *x.shape[1:]))
     out[mask] = x
-    return out.transpose(1, 2), mask
+    return out.transpose(1, 2)
 
 
 def _unpadded(x: Tensor, mask: Tensor) -> Tensor:
@@ -104,8 +107,8 @@ def attention_fwd_ref(
     for varlen). compute_dtype=None: fp32 math (fp64 for fp64 inputs); tests pass float64 for the oracle and
     the input dtype for "what PyTorch gets in low precision"."""
     if cu_seqlens is not None:
-        (qp, mask), kp, vp = _padded(q, cu_seqlens, max_seqlen), _padded(k, cu_seqlens, max_seqlen)[0], None
-        vp = _padded(v, cu_seqlens, max_seqlen)[0]
+        mask = _varlen_mask(cu_seqlens, max_seqlen)
+        qp, kp, vp = (_padded(x, mask) for x in (q, k, v))
         out, lse = attention_fwd_ref(qp, kp, vp, mask, None, 0, dropout_p, scale, seed, compute_dtype)
         out = torch.empty_like(q).copy_(_unpadded(out, mask))
         return out, lse.transpose(1, 2)[mask].transpose(0, 1).contiguous()
@@ -132,8 +135,8 @@ def attention_bwd_ref(
     dV = P'^T dO, dP = (dO V^T) * keep / (1 - p), dS = P * (dP - rowsum(dO * O)), dQ = scale dS K, dK = scale dS^T Q.
     """
     if cu_seqlens is not None:
-        pads = [_padded(x, cu_seqlens, max_seqlen)[0] for x in (dout, q, k, v, out)]
-        mask = _padded(q, cu_seqlens, max_seqlen)[1]
+        mask = _varlen_mask(cu_seqlens, max_seqlen)
+        pads = [_padded(x, mask) for x in (dout, q, k, v, out)]
         lse_p = torch.full(mask.shape + (q.shape[1],), -math.inf, device=lse.device, dtype=lse.dtype)
         lse_p[mask] = lse.transpose(0, 1)
         grads = attention_bwd_ref(*pads, lse_p.transpose(1, 2), mask, None, 0, dropout_p, scale, seed, compute_dtype)
@@ -389,13 +392,20 @@ def attention_varlen(
     return out
 
 
-def unpad_input(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
-    """x (B, L, ...) and a bool (B, L) mask -> (x's kept rows (T, ...), flat indices (T,), cu_seqlens int32 (B+1,),
-    max_seqlen). One host read (max_seqlen). pad_output() puts rows back."""
+def unpad_indices(mask: Tensor) -> tuple[Tensor, Tensor, int]:
+    """A bool (B, L) keep mask -> (flat indices of the kept positions (T,), cu_seqlens int32 (B+1,), max_seqlen).
+    One host read (max_seqlen), so that launching the varlen kernels needs none."""
     lengths = mask.sum(-1, dtype=torch.int32)
     indices = mask.reshape(-1).nonzero().squeeze(1)
     cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return x.reshape(-1, *x.shape[2:])[indices], indices, cu, int(lengths.max()) if lengths.numel() else 0
+    return indices, cu, int(lengths.max()) if lengths.numel() else 0
+
+
+def unpad_input(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """x (B, L, ...) and a bool (B, L) mask -> (x's kept rows (T, ...), flat indices (T,), cu_seqlens int32 (B+1,),
+    max_seqlen). pad_output() puts rows back."""
+    indices, cu, max_seqlen = unpad_indices(mask)
+    return x.reshape(-1, *x.shape[2:])[indices], indices, cu, max_seqlen
 
 
 def pad_output(x: Tensor, indices: Tensor, batch: int, length: int) -> Tensor:
