@@ -6,12 +6,19 @@ import triton.language as tl
 
 
 @triton.jit
-def load_row_pair(s_ptr, t_ptr, mask_ptr, row, stride_row, H, HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One row of two (N, H) tensors as fp32 (zeros past H and on unselected rows, which are never read),
-    with the row's keep flag and the lane mask."""
+def row_selected(mask_ptr, row, HAS_MASK: tl.constexpr):
+    """Whether row `row` of an optional (N,) uint8 row mask is selected (every row when there is none)."""
     keep = True
     if HAS_MASK:
         keep = tl.load(mask_ptr + row) != 0
+    return keep
+
+
+@triton.jit
+def load_row_pair(s_ptr, t_ptr, mask_ptr, row, stride_row, H, HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One row of two (N, H) tensors as fp32 (zeros past H and on unselected rows, which are never read),
+    with the row's keep flag and the lane mask."""
+    keep = row_selected(mask_ptr, row, HAS_MASK)
     cols = tl.arange(0, BLOCK_H)
     valid = (cols < H) & keep
     s = tl.load(s_ptr + row * stride_row + cols, mask=valid, other=0.0).to(tl.float32)

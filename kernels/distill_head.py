@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdistil.kernels._common import device_ctx, kd_block, mask_arg, online_lse
+from fastdistil.kernels._common import device_ctx, kd_block, mask_arg, online_lse, row_selected
 
 
 @triton.jit
@@ -32,9 +32,7 @@ def _distill_epilogue_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 once N * V does
-    in_kl = True
-    if HAS_ROWS:
-        in_kl = tl.load(rows_ptr + row) != 0
+    in_kl = row_selected(rows_ptr, row, HAS_ROWS)
     label = -100
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)

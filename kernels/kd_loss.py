@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdistil.kernels._common import device_ctx, kd_block, mask_arg
+from fastdistil.kernels._common import device_ctx, kd_block, mask_arg, row_selected
 
 
 @triton.jit
@@ -31,9 +31,7 @@ def _kd_loss_fwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride passes 2^31 once N * V does
-    keep = True
-    if HAS_MASK:
-        keep = tl.load(mask_ptr + row) != 0
+    keep = row_selected(mask_ptr, row, HAS_MASK)
     s_ptr += row * stride_row
     t_ptr += row * stride_row
     m_s = -float("inf")
