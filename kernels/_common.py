@@ -49,6 +49,16 @@ def kd_block(m_s, d_s, m_t, d_t, w, s, t):
     return m_s, d_s, m_t, d_t, w
 
 
+@triton.jit
+def kd_result(m_s, d_s, m_t, d_t, w):
+    """(KL, lse_s, lse_t) from the final kd_block state."""
+    lse_s = m_s + tl.log(d_s)
+    lse_t = m_t + tl.log(d_t)
+    kl = w / d_t - lse_t + lse_s
+    kl = tl.where(kl < 0, 0.0, kl)  # >= 0 in exact math; NaN passes through (the comparison is false)
+    return kl, lse_s, lse_t
+
+
 def mask_arg(row_mask, like):
     """(pointer argument, HAS_MASK) for an optional (N,) bool row mask; `like` stands in when there is none."""
     if row_mask is None:

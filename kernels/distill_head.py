@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdistil.kernels._common import device_ctx, kd_block, mask_arg, online_lse, row_selected
+from fastdistil.kernels._common import device_ctx, kd_block, kd_result, mask_arg, online_lse, row_selected
 
 
 @triton.jit
@@ -55,11 +55,8 @@ def _distill_epilogue_kernel(
         t = t_raw * inv_temperature
         m_s, d_s, m_t, d_t, w = kd_block(m_s, d_s, m_t, d_t, w, s, t)
         m_1, d_1, _, _ = online_lse(m_1, d_1, tl.where(has_label, s_raw, -float("inf")))
-    lse_s = m_s + tl.log(d_s)
-    lse_t = m_t + tl.log(d_t)
+    kl, lse_s, lse_t = kd_result(m_s, d_s, m_t, d_t, w)
     lse_1 = m_1 + tl.log(d_1)
-    kl = w / d_t - lse_t + lse_s
-    kl = tl.where(kl < 0, 0.0, kl)  # >= 0 in exact math; NaN passes through (the comparison is false)
     tl.store(kl_ptr + row, tl.where(in_kl, kl, 0.0))
     safe_label = tl.where(has_label, label, 0)
     s_label = tl.load(s_ptr + safe_label).to(tl.float32)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdistil.kernels._common import device_ctx, kd_block, mask_arg, row_selected
+from fastdistil.kernels._common import device_ctx, kd_block, kd_result, mask_arg, row_selected
 
 
 @triton.jit
@@ -45,10 +45,7 @@ def _kd_loss_fwd_kernel(
         s = tl.load(s_ptr + cols, mask=valid, other=-float("inf")).to(tl.float32) * inv_temperature
         t = tl.load(t_ptr + cols, mask=valid, other=-float("inf")).to(tl.float32) * inv_temperature
         m_s, d_s, m_t, d_t, w = kd_block(m_s, d_s, m_t, d_t, w, s, t)
-    lse_s = m_s + tl.log(d_s)
-    lse_t = m_t + tl.log(d_t)
-    kl = w / d_t - lse_t + lse_s
-    kl = tl.where(kl < 0, 0.0, kl)  # >= 0 in exact math; NaN passes through (the comparison is false)
+    kl, lse_s, lse_t = kd_result(m_s, d_s, m_t, d_t, w)
     tl.store(loss_ptr + row, tl.where(keep, kl, 0.0))
     if WITH_GRAD:
         grad_ptr += row * stride_row
