@@ -63,6 +63,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write(final: Path, data: str | bytes) -> None:
+    """Write a whole file so that a crash leaves either the old file or the new one, never a part: a hidden
+    temporary file beside it, fsynced, renamed over it, then the directory fsynced."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path):
     """Yield a hidden temporary directory beside `final` to write into. When the block ends without an error,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 
 from fastdistil import data as fd_data
 from fastdistil import models as fd_models
+from fastdistil.checkpoint import atomic_write
 
 EXIT_USAGE = 2
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -517,8 +519,10 @@ def plot(rows: list[dict], path: Path) -> str | None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     fig.suptitle(f"students against {rows[0]['name']}")
-    fig.savefig(path, dpi=120)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
+    atomic_write(path, buf.getvalue())
     return metric
 
 
@@ -586,9 +590,10 @@ def run(c, roles=("teacher", "student")) -> list[dict]:
         )
     )
     plotted = plot(rows, out / "retention.png") if len(students) > 1 else None
-    (out / "report.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
-    (out / "report.md").write_text(
-        f"{table}\n\n{setup}\n" + (f"\n![retention](retention.png)  ({plotted})\n" if plotted else "")
+    atomic_write(out / "report.json", json.dumps({"setup": setup, "rows": rows}, indent=1))
+    atomic_write(
+        out / "report.md",
+        f"{table}\n\n{setup}\n" + (f"\n![retention](retention.png)  ({plotted})\n" if plotted else ""),
     )
     print(table)
     print(f"\n{setup}\nwritten: {out / 'report.md'}, {out / 'report.json'}" + (", retention.png" if plotted else ""))

@@ -517,7 +517,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue  # a line cut by a crash
         if record.get("step", record.get("skipped_step", 0)) <= step:
             kept.append(line)
-    path.write_text("".join(x + "\n" for x in kept))
+    fd_checkpoint.atomic_write(path, "".join(x + "\n" for x in kept))  # the history survives a crash here
 
 
 def prepare(c, world=None):
@@ -677,7 +677,7 @@ def _train(c, world: fd_dist.World) -> RunResult:
         world_size=world.size,
     )
     if main:
-        (out / "train_config.json").write_text(json.dumps(resolved, indent=2, default=str))
+        fd_checkpoint.atomic_write(out / "train_config.json", json.dumps(resolved, indent=2, default=str))
     mode = (
         "the full DistilBERT objective (loss_ce, loss_mlm, loss_cos)"
         if teacher.has_mlm_head
@@ -918,9 +918,9 @@ def _train(c, world: fd_dist.World) -> RunResult:
         "after": after,
         "student": str(out / "student"),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    fd_checkpoint.atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     table = summary_table(summary, teacher.has_mlm_head)
-    (out / "summary.md").write_text(table + "\n")
+    fd_checkpoint.atomic_write(out / "summary.md", table + "\n")
     print("\n" + table)
     print(
         f"\nstudent saved to {out / 'student'} (load it with transformers.Auto"

@@ -194,3 +194,18 @@ def test_kill9_in_the_middle_of_a_checkpoint_save(tmp_path):
     straight = transformers.AutoModel.from_pretrained(tmp_path / "straight" / "student").state_dict()
     resumed = transformers.AutoModel.from_pretrained(tmp_path / name / "student").state_dict()
     _assert_same_weights(straight, resumed)
+
+
+def test_atomic_write_replaces_whole_files_and_keeps_the_old_one_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    fd_checkpoint.atomic_write(path, '{"a": 1}')
+    fd_checkpoint.atomic_write(path, b'{"a": 2}')
+    assert path.read_text() == '{"a": 2}' and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+    def crash(*args):
+        raise OSError("disk died before the rename")
+
+    monkeypatch.setattr(fd_checkpoint.os, "replace", crash)
+    with pytest.raises(OSError):
+        fd_checkpoint.atomic_write(path, '{"a": 3}')
+    assert path.read_text() == '{"a": 2}'  # the file is the old one, whole
