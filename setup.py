@@ -98,6 +98,15 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "expecttest", "triton>=3.6", "tensorboard", "scikit-learn"],
+        "hf": ["accelerate"],  # fastdistil.hf.DistillationTrainer: transformers.Trainer needs accelerate
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "expecttest",
+            "triton>=3.6",
+            "tensorboard",
+            "scikit-learn",
+            "accelerate",
+        ],
     },
 )

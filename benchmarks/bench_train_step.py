@@ -10,7 +10,6 @@ student: its layers [0, 3]. Batch: 16 sequences of 128 tokens with 15% masked, t
 tokens/s, and peak memory delta of a step (fresh process per arm on CPU).
 """
 
-import argparse
 import sys
 
 import pytest
@@ -26,9 +25,12 @@ DTYPES = {"fp32": "fp32", "bf16": "bf16"}
 def make_step(arm, dtype):
     import transformers
 
+    from fastdistil import config as fd_config
     from fastdistil import data as fd_data
     from fastdistil import models as fd_models
-    from fastdistil import train as fd_train
+    from fastdistil import objectives
+    from fastdistil.ops import use_kernels
+    from fastdistil.trainer import autocast
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
@@ -37,18 +39,10 @@ def make_step(arm, dtype):
     t_model = transformers.BertForMaskedLM(cfg).eval().to(harness.DEVICE)
     for p in t_model.parameters():
         p.requires_grad_(False)
-    teacher = fd_models.Teacher(t_model, None, True, "bench")
     student = fd_models.student_from_teacher(t_model, [0, 3]).to(harness.DEVICE)
-    c = argparse.Namespace(
-        **{
-            **fd_train.DEFAULTS,
-            "alpha_ce": 5.0,
-            "alpha_mlm": 2.0,
-            "precision": DTYPES[dtype],
-            "kernels": "reference" if arm == "eager" else "fused",
-        }
-    )
-    objective = fd_train.Objective(c, student, teacher)
+    c = fd_config.resolve({"alpha_ce": 5.0, "alpha_mlm": 2.0, "precision": DTYPES[dtype], "device": harness.DEVICE})
+    objective = objectives.for_teacher(c, student, t_model, has_mlm_head=True)
+    kernels = "reference" if arm == "eager" else "fused"
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     ids = torch.randint(1000, V, (B, L))
     mask = torch.ones(B, L, dtype=torch.long)
@@ -58,7 +52,7 @@ def make_step(arm, dtype):
     masked, mask, labels = masked.to(harness.DEVICE), mask.to(harness.DEVICE), labels.to(harness.DEVICE)
 
     def step():
-        with fd_train.autocast(c, harness.DEVICE):
+        with use_kernels(kernels), autocast(c.precision, harness.DEVICE):
             losses = objective(masked, mask, labels)
         losses.total.backward()
         optimizer.step()

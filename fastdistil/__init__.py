@@ -15,6 +15,8 @@ from fastdistil.patch import is_patched, patch_model, unpatch_model
 
 __version__ = "0.1.0"
 __all__ = [
+    "DistilResult",
+    "distil",
     "attention",
     "attention_varlen",
     "is_patched",
@@ -29,3 +31,12 @@ __all__ = [
     "kd_loss",
     "mlm_parts",
 ]
+
+
+def __getattr__(name):
+    """fastdistil.distil / fastdistil.DistilResult (the Python API) load the training stack on first use only."""
+    if name in ("distil", "DistilResult"):
+        from fastdistil import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fastdistil' has no attribute {name!r}")

@@ -9,22 +9,25 @@ a crash or kill -9 at any moment leaves either the previous checkpoints alone or
 
 from __future__ import annotations
 
-import contextlib
-import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from fastdistil.errors import UsageError
+from fastdistil.fileio import atomic_directory
+from fastdistil.models import tied_keys
 
 MARKER = "COMPLETE"
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint that cannot be used (names the file)."""
 
 
@@ -45,53 +48,6 @@ def restore_rng_states(states: dict, mask_generator: torch.Generator) -> None:
     if states.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
     mask_generator.set_state(states["mask"])
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(final: Path, data: str | bytes) -> None:
-    """Write a whole file so that a crash leaves either the old file or the new one, never a part: a hidden
-    temporary file beside it, fsynced, renamed over it, then the directory fsynced."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path):
-    """Yield a hidden temporary directory beside `final` to write into. When the block ends without an error,
-    every file in it is fsynced, it replaces `final` by a rename, and the parent is fsynced: a crash at any
-    earlier moment leaves `final` as it was and only a `.<name>.tmp` directory behind."""
-    final = Path(final)
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    yield tmp
-    _fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
 
 
 def save(run_dir: Path, step: int, student, tokenizer, trainer_state: dict, keep: int = 0) -> Path:
@@ -146,10 +102,29 @@ def load_weights(path: Path, student) -> None:
         weights = load_file(f)
     except Exception as e:
         raise CheckpointError(f"{f} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
-    from fastdistil.models import tied_keys
-
     missing, unexpected = student.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k not in tied_keys(student)]
     if missing or unexpected:
         raise CheckpointError(f"{f} does not match the student: missing {missing[:3]}, unexpected {unexpected[:3]}")
     student.tie_weights()
+
+
+def choose(run_dir: Path, resume: str) -> tuple[Path, dict]:
+    """The checkpoint --resume continues from, and its trainer state: PATH, or ("latest") the newest complete one
+    that loads (an unreadable one is reported, naming the file, and the previous one is tried)."""
+    if resume != "latest":
+        path = Path(resume)
+        try:
+            return path, load_state(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"--resume {path}: {e}") from e
+    candidates = complete(run_dir)
+    if not candidates:
+        raise CheckpointError(f"--resume: {run_dir} has no complete checkpoint")
+    for i, path in enumerate(candidates):
+        try:
+            return path, load_state(path)
+        except CheckpointError as e:
+            fallback = f"; falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
+            print(f"warning: checkpoint {e}{fallback}", file=sys.stderr)
+    raise CheckpointError(f"--resume: no checkpoint of {run_dir} is readable")

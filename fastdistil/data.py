@@ -24,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastdistil.errors import UsageError
+
 BUILTIN_CORPUS = "builtin:web-bible"
 TEXT_SUFFIXES = (".txt", ".text", ".txt.gz", ".jsonl", ".md")
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Bad or unusable training data (reported as one line, exit code 2)."""
 
 
@@ -174,13 +176,30 @@ def _split_fn(tokenizer, max_seq_len: int, min_seq_len: int):
     return split
 
 
-def build_sequences(spec: str, tokenizer, max_seq_len: int, min_seq_len: int, cache_dir: Path, num_proc: int):
-    """Tokenised sequences for `spec` (a datasets.Dataset with an "input_ids" column, cached on disk)."""
-    import datasets
-
+def check_tokenizer(tokenizer) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("the teacher's tokenizer must be a fast (Rust) tokenizer; save one with the checkpoint")
-    texts = load_texts(spec, cache_dir)
+
+
+def build_sequences(spec: str, tokenizer, max_seq_len: int, min_seq_len: int, cache_dir: Path, num_proc: int):
+    """Tokenised sequences for `spec` (a datasets.Dataset with an "input_ids" column, cached on disk)."""
+    check_tokenizer(tokenizer)
+    return tokenise(load_texts(spec, cache_dir), tokenizer, max_seq_len, min_seq_len, num_proc, f"--data {spec}")
+
+
+def sample_sequences(texts, tokenizer, max_seq_len: int, min_seq_len: int, n: int = 4, docs: int = 64) -> list:
+    """Up to n token sequences from the first `docs` documents: a real batch in seconds, before the whole corpus
+    is tokenised (the trainer pushes it through teacher, student and objective to fail fast)."""
+    head = texts[: min(docs, len(texts))]["text"]
+    return _split_fn(tokenizer, max_seq_len, min_seq_len)({"text": head})["input_ids"][:n]
+
+
+def tokenise(texts, tokenizer, max_seq_len: int, min_seq_len: int, num_proc: int, what: str = "--data"):
+    """A datasets.Dataset of texts ("text" column) as token sequences ("input_ids"); cached by datasets when the
+    texts come from files."""
+    import datasets
+
+    check_tokenizer(tokenizer)
     id_type = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else "int32"
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value(id_type))})
     seqs = texts.map(
@@ -194,7 +213,7 @@ def build_sequences(spec: str, tokenizer, max_seq_len: int, min_seq_len: int, ca
     )
     if len(seqs) == 0:
         raise DataError(
-            f"--data {spec}: the corpus yields no sequence of at least {min_seq_len} tokens "
+            f"{what}: the corpus yields no sequence of at least {min_seq_len} tokens "
             "(lower --min_seq_len or give more text)"
         )
     return seqs
@@ -260,7 +279,11 @@ class Batch:
 
 
 def collate(seqs, idx: np.ndarray, pad_id: int) -> Batch:
-    rows = seqs[[int(i) for i in idx]]["input_ids"]
+    return collate_rows(seqs[[int(i) for i in idx]]["input_ids"], pad_id)
+
+
+def collate_rows(rows: list, pad_id: int) -> Batch:
+    """Right-padded (B, L) ids and attention mask of token-id lists."""
     L = max(len(r) for r in rows)
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), L), dtype=torch.long)

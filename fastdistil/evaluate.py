@@ -38,49 +38,23 @@ import torch
 import torch.nn.functional as F
 
 from fastdistil import data as fd_data
+from fastdistil import heldout
 from fastdistil import models as fd_models
-from fastdistil.checkpoint import atomic_write
+from fastdistil.artifacts import Model, load_model  # noqa: F401  (load_model: the CLI's loader)
+from fastdistil.errors import EXIT_USAGE, UsageError
+from fastdistil.fileio import atomic_write
+from fastdistil.models import encoder
+from fastdistil.padding import mean_pool
 
-EXIT_USAGE = 2
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-class EvalError(ValueError):
+class EvalError(UsageError):
     """Bad input to the evaluation (one line, exit code 2)."""
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Models
-
-
-@dataclass
-class Model:
-    name: str
-    path: str  # the directory holding its files (for the size on disk)
-    model: torch.nn.Module  # with its MLM head when it has one
-    tokenizer: object
-    has_mlm_head: bool
-    trainable: bool = True  # False for int8 models: no fine-tuning, use --probe
-    format: str = "transformers"
-
-
-def load_model(name_or_path: str) -> Model:
-    """A transformers checkpoint (with its MLM head when it has one) or a fastdistil.compress output."""
-    from fastdistil import compress
-
-    if os.path.isfile(os.path.join(name_or_path, compress.MARKER)):
-        return compress.load(name_or_path)
-    try:
-        t = fd_models.load_teacher(name_or_path)
-    except fd_models.ModelError as e:
-        raise EvalError(str(e).replace("--teacher ", "")) from e
-    path = fd_models.builtin_teacher_path() if name_or_path == fd_models.BUILTIN_TEACHER else name_or_path
-    return Model(name_or_path, path, t.model, t.tokenizer, t.has_mlm_head)
-
-
-def encoder(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare encoder (BertModel, DistilBertModel, ...) of a model with or without a head."""
-    return getattr(model, "base_model", model)
 
 
 def check_same_tokenizer(teacher: Model, student: Model) -> None:
@@ -175,82 +149,21 @@ def measure_latency(model, vocab_size, batch_size, seq_len, device, warmup=3, re
 # Held-out text: MLM metrics and embedding cosine
 
 
-def mask_tokens(batch: fd_data.Batch, special_ids, mask_id: int, generator: torch.Generator, prop: float = 0.15):
-    """(masked ids, labels): `prop` of each batch's real, non-special tokens (at least one) become [MASK];
-    labels hold their original ids and -100 elsewhere. The same generator state gives the same positions."""
-    ids = batch.input_ids
-    candidates = batch.attention_mask.bool() & ~torch.isin(ids, torch.tensor(sorted(special_ids)))
-    flat = candidates.flatten().nonzero().squeeze(1)
-    labels = torch.full_like(ids, -100)
-    if flat.numel() == 0:
-        return ids.clone(), labels
-    n = max(1, round(prop * flat.numel()))
-    pos = flat[torch.randperm(flat.numel(), generator=generator)[:n]]
-    masked, lab = ids.flatten().clone(), labels.flatten()
-    lab[pos] = masked[pos]
-    masked[pos] = mask_id
-    return masked.view_as(ids), lab.view_as(ids)
-
-
-def heldout_batches(spec: str, tokenizer, c) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(masked ids, attention mask, labels) batches of the held-out sequences of `spec`: the trainer's split for
-    the same --data / --max_seq_len / --min_seq_len / --eval_fraction / --seed, at most --max_sequences."""
+def heldout_batches(spec: str, tokenizer, c) -> list[heldout.HeldoutBatch]:
+    """Batches of the held-out sequences of `spec`: the trainer's split for the same --data / --max_seq_len /
+    --min_seq_len / --eval_fraction / --seed, at most --max_sequences, masked as fastdistil.heldout defines."""
     cache = Path(c.cache_dir or os.environ.get("FASTDISTIL_CACHE") or Path.home() / ".cache" / "fastdistil")
     seqs = fd_data.build_sequences(spec, tokenizer, c.max_seq_len, c.min_seq_len, cache, c.num_proc or os.cpu_count())
     _, eval_idx = fd_data.split_train_eval(len(seqs), c.eval_fraction, c.seed)
-    eval_idx = eval_idx[: c.max_sequences]
-    g = torch.Generator().manual_seed(c.seed)
-    out = []
-    for start in range(0, len(eval_idx), c.eval_batch_size):
-        batch = fd_data.collate(seqs, eval_idx[start : start + c.eval_batch_size], tokenizer.pad_token_id)
-        if tokenizer.mask_token_id is None:  # no [MASK] token: no MLM metrics, the embeddings still compare
-            masked, labels = batch.input_ids, torch.full_like(batch.input_ids, -100)
-        else:
-            masked, labels = mask_tokens(batch, tokenizer.all_special_ids, tokenizer.mask_token_id, g)
-        out.append((masked, batch.attention_mask, labels, batch.input_ids))
-    return out
+    return heldout.heldout_batches(seqs, eval_idx[: c.max_sequences], tokenizer, c.eval_batch_size, c.seed)
 
 
-@torch.no_grad()
 def text_metrics(m: Model, teacher: Model, batches, device) -> dict:
     """MLM loss / perplexity / top-1 / KL(teacher || student) on the masked positions (models with an MLM head),
-    and the mean cosine of mean-pooled embeddings (of the unmasked text) to the teacher's."""
-    res: dict = {}
-    ce_sum, correct, kl_sum, n_masked, cos_sum, n_seq = 0.0, 0, 0.0, 0, 0.0, 0
-    mlm = m.has_mlm_head
-    kl = mlm and teacher.has_mlm_head and m is not teacher
-    same_width = fd_models.hidden_size(m.model) == fd_models.hidden_size(teacher.model)
-    for masked, mask, labels, ids in batches:
-        masked, mask, labels, ids = masked.to(device), mask.to(device), labels.to(device), ids.to(device)
-        sel = labels != -100
-        if mlm:
-            logits = m.model(input_ids=masked, attention_mask=mask).logits[sel].float()
-            ce_sum += F.cross_entropy(logits, labels[sel], reduction="sum").item()
-            correct += int((logits.argmax(-1) == labels[sel]).sum())
-            n_masked += int(sel.sum())
-            if kl:
-                t_logits = teacher.model(input_ids=masked, attention_mask=mask).logits[sel].float()
-                kl_sum += F.kl_div(
-                    logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True, reduction="sum"
-                ).item()
-        if same_width:
-            e = fd_models.mean_pool(
-                encoder(m.model)(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask
-            )
-            t = fd_models.mean_pool(
-                encoder(teacher.model)(input_ids=ids, attention_mask=mask).last_hidden_state.float(), mask
-            )
-            cos_sum += F.cosine_similarity(e, t, dim=-1).sum().item()
-            n_seq += ids.shape[0]
-    if mlm and n_masked:
-        res["mlm_loss"] = ce_sum / n_masked
-        res["perplexity"] = math.exp(min(res["mlm_loss"], 700.0))
-        res["mlm_top1"] = correct / n_masked
-        if kl:
-            res["kl_to_teacher"] = kl_sum / n_masked
-    if n_seq:
-        res["embedding_cosine"] = cos_sum / n_seq
-    return res
+    and the cosines of the (unmasked) text's embeddings to the teacher's: fastdistil.heldout.compare."""
+    return heldout.compare(
+        m.model, teacher.model, batches, device, model_mlm=m.has_mlm_head, teacher_mlm=teacher.has_mlm_head
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,7 +297,7 @@ def _embed(enc, tokenizer, texts, max_len, batch_size, device) -> torch.Tensor:
     for s in range(0, len(texts), batch_size):
         b = _encode(tokenizer, texts[s : s + batch_size], max_len).to(device)
         h = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-        out.append(fd_models.mean_pool(h.float(), b["attention_mask"]))
+        out.append(mean_pool(h.float(), b["attention_mask"]))
     return torch.cat(out)
 
 
@@ -437,7 +350,7 @@ def classify(m: Model, data: Labelled, c, device) -> dict:
                 b = _encode(m.tokenizer, [train_texts[i] for i in idx], c.max_seq_len).to(device)
                 h = enc(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
                 loss = F.cross_entropy(
-                    head(fd_models.mean_pool(h.float(), b["attention_mask"])), y_train[idx].to(device)
+                    head(mean_pool(h.float(), b["attention_mask"])), y_train[idx].to(device)
                 )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -578,9 +491,10 @@ def run(c, roles=("teacher", "student")) -> list[dict]:
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
+    n_heldout = sum(b.input_ids.shape[0] for b in batches)
     setup = (
         f"device {device}, latency at batch {c.batch_size} x {c.seq_len} tokens (median of {c.repeats} after "
-        f"{c.warmup} warm-up), held-out text {c.data or 'none'} ({sum(b[0].shape[0] for b in batches)} sequences)"
+        f"{c.warmup} warm-up), held-out text {c.data or 'none'} ({n_heldout} sequences)"
         + (
             f", labelled {c.labelled} ({len(labelled.train_idx)} train / {len(labelled.test_idx)} test, "
             + ("linear probe" if c.probe else f"fine-tuned {c.finetune_epochs} epochs")
@@ -681,7 +595,7 @@ def main(argv=None) -> int:
     try:
         check_common(c)
         run(c)
-    except (EvalError, fd_data.DataError, fd_models.ModelError) as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     return 0

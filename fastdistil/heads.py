@@ -98,6 +98,8 @@ class MLMDistiller(nn.Module):
             t_pre = self.teacher_parts.transform(t_hidden)
         s_hidden = self.student_parts.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         s_pre = self.student_parts.transform(s_hidden)
+        # A teacher computing in another dtype (fp16 / bf16 checkpoints) meets the student in the student's dtype.
+        t_hidden, t_pre = t_hidden.to(s_hidden.dtype), t_pre.to(s_pre.dtype)
         rows = attention_mask.bool()
         if self.restrict_ce_to_mask:
             if mlm_labels is None:

@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fastdistil.errors import UsageError
+from fastdistil.fileio import atomic_directory
+
 BUILTIN_TEACHER = "builtin:all-MiniLM-L6-v2"
 # Layer containers of the BERT-family models fastdistil copies layers of.
 _LAYER_KEY = re.compile(r"^(.*?\b(?:encoder\.layer|transformer\.layer|encoder\.layers))\.(\d+)\.(.*)$")
@@ -22,7 +25,7 @@ _NUM_LAYERS_ATTRS = ("num_hidden_layers", "n_layers")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
 
 
-class ModelError(ValueError):
+class ModelError(UsageError):
     """A teacher or student that cannot be used (reported as one line, exit code 2)."""
 
 
@@ -76,7 +79,7 @@ def load_teacher(name_or_path: str) -> Teacher:
         raise ModelError(f"--teacher {name_or_path}: its tokenizer is not a fast tokenizer")
     keys = _checkpoint_keys(path) if local else None
     try:
-        with _quiet(transformers):
+        with quiet(transformers):
             if keys is not None:  # decide from the weights the checkpoint holds, without a trial load
                 has_head = any(_is_mlm_head_key(k) for k in keys)
                 auto = transformers.AutoModelForMaskedLM if has_head else transformers.AutoModel
@@ -91,14 +94,25 @@ def load_teacher(name_or_path: str) -> Teacher:
                     model = transformers.AutoModel.from_pretrained(path)
     except Exception as e:
         raise ModelError(f"--teacher {name_or_path}: cannot load its weights ({_first_line(e)})") from e
+    return Teacher(freeze(model), tokenizer, has_head, name_or_path)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """A teacher: eval mode (no dropout), no gradients."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return Teacher(model, tokenizer, has_head, name_or_path)
+    return model
+
+
+def has_mlm_head(model: nn.Module) -> bool:
+    """Whether a transformers model object carries an MLM head (a vocabulary projection)."""
+    get = getattr(model, "get_output_embeddings", None)
+    return get is not None and get() is not None
 
 
 @contextlib.contextmanager
-def _quiet(transformers):
+def quiet(transformers):
     """transformers' load reports and warnings off while loading: a checkpoint without an MLM head loaded as an
     encoder lists its head as "missing", which is expected here and reads like an error."""
     previous = transformers.utils.logging.get_verbosity()
@@ -186,6 +200,26 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
     return student.train()
 
 
+def stored_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a checkpoint was saved in (its config's dtype), else the dtype of the loaded weights."""
+    declared = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    if isinstance(declared, torch.dtype) and declared.is_floating_point:
+        return declared
+    return next(model.parameters()).dtype
+
+
+def as_fp32(student: nn.Module) -> nn.Module:
+    """Students train fp32 weights (autocast decides the compute dtype), also when initialised from a teacher
+    stored in half precision; their config then says float32, so save_pretrained writes what they hold."""
+    student.float()
+    for attr in ("dtype", "torch_dtype"):
+        if getattr(student.config, attr, None) is not None:
+            setattr(student.config, attr, torch.float32)
+    return student
+
+
 def tied_keys(model) -> set[str]:
     """Names of the weights a transformers model ties to others (absent from its saved files)."""
     tied = getattr(model, "_tied_weights_keys", None) or {}
@@ -238,10 +272,9 @@ def check_compatible(student: nn.Module, teacher: Teacher, need_same_hidden: boo
         )
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sentence embeddings: the mean of the hidden states (B, L, H) over the real tokens of mask (B, L)."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+def encoder(model: nn.Module) -> nn.Module:
+    """The bare encoder (BertModel, DistilBertModel, ...) of a model with or without a head."""
+    return getattr(model, "base_model", model)
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -250,9 +283,7 @@ def hidden_size(model: nn.Module) -> int:
 
 def save_student(student: nn.Module, tokenizer, out_dir: Path) -> None:
     """save_pretrained (safetensors, config with model_type and architectures) plus the tokenizer, written
-    through fastdistil.checkpoint.atomic_directory: a crash never leaves a half-written student."""
-    from fastdistil.checkpoint import atomic_directory
-
+    through fastdistil.fileio.atomic_directory: a crash never leaves a half-written student."""
     with atomic_directory(out_dir) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdistil.dropout_seed import dropout_threshold, fold_seed
 from fastdistil.kernels._common import device_ctx
 
 LOG2E = 1.4426950408889634
@@ -291,8 +292,6 @@ def _geometry(q, key_padding_mask, cu_seqlens, max_seqlen):
 
 
 def _dropout_args(dropout_p: float, seed: int):
-    from fastdistil.ops.attention import dropout_threshold, fold_seed  # the spec's definitions (no import cycle)
-
     drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
     return fold_seed(seed), dropout_threshold(dropout_p), drop_scale
 

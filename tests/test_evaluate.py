@@ -15,6 +15,7 @@ import transformers
 from fastdistil import compress as fd_compress
 from fastdistil import data as fd_data
 from fastdistil import evaluate as fd_eval
+from fastdistil import heldout as fd_heldout
 from fastdistil import models as fd_models
 from tests.test_train import WORDS, _tokenizer
 
@@ -98,8 +99,8 @@ def test_latency_has_warmup_and_repeats(monkeypatch):
 def test_masking_is_deterministic_and_skips_special_tokens():
     ids = torch.tensor([[2, 10, 11, 12, 13, 14, 15, 16, 17, 3], [2, 20, 21, 3, 0, 0, 0, 0, 0, 0]])
     batch = fd_data.Batch(ids, (ids != 0).long())
-    a = fd_eval.mask_tokens(batch, [0, 1, 2, 3, 4], 4, torch.Generator().manual_seed(1))
-    b = fd_eval.mask_tokens(batch, [0, 1, 2, 3, 4], 4, torch.Generator().manual_seed(1))
+    a = fd_heldout.mask_tokens(batch, [0, 1, 2, 3, 4], 4, torch.Generator().manual_seed(1))
+    b = fd_heldout.mask_tokens(batch, [0, 1, 2, 3, 4], 4, torch.Generator().manual_seed(1))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     masked, labels = a
     sel = labels != -100
@@ -116,8 +117,8 @@ def test_text_metrics_by_hand(workdir):
     mask = torch.ones_like(ids)
     mask[2, 8:] = 0
     ids[2, 8:] = 0
-    masked, labels = fd_eval.mask_tokens(fd_data.Batch(ids, mask), [0, 1, 2, 3, 4], 4, g, prop=0.3)
-    got = fd_eval.text_metrics(student, teacher, [(masked, mask, labels, ids)], "cpu")
+    masked, labels = fd_heldout.mask_tokens(fd_data.Batch(ids, mask), [0, 1, 2, 3, 4], 4, g, prop=0.3)
+    got = fd_eval.text_metrics(student, teacher, [fd_heldout.HeldoutBatch(ids, mask, masked, labels)], "cpu")
     with torch.no_grad():
         sel = labels != -100
         s = student.model(input_ids=masked, attention_mask=mask).logits[sel]
@@ -135,7 +136,7 @@ def test_text_metrics_by_hand(workdir):
     assert got["mlm_top1"] == pytest.approx((s.argmax(-1) == labels[sel]).float().mean().item())
     assert got["kl_to_teacher"] == pytest.approx(kl.item(), rel=1e-4)
     assert got["embedding_cosine"] == pytest.approx(torch.stack(cos).mean().item(), rel=1e-5)
-    same = fd_eval.text_metrics(teacher, teacher, [(masked, mask, labels, ids)], "cpu")
+    same = fd_eval.text_metrics(teacher, teacher, [fd_heldout.HeldoutBatch(ids, mask, masked, labels)], "cpu")
     assert "kl_to_teacher" not in same and same["embedding_cosine"] == pytest.approx(1.0)
 
 

@@ -15,7 +15,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fastdistil import checkpoint as fd_checkpoint  # noqa: E402
+from fastdistil import fileio as fd_fileio  # noqa: E402
 from fastdistil import train as fd_train  # noqa: E402
+from fastdistil.objectives import Objective  # noqa: E402
 from tests.test_train import _args, _interrupt_on_call, _teacher  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,7 +125,7 @@ def test_resume_after_sigterm_or_kill9_of_a_real_process(tmp_path, how):
 def test_nan_guard_skips_bad_steps_and_stops_after_too_many(tmp_path, monkeypatch, capsys):
     teacher = _teacher(tmp_path, mlm=True)
     calls = {"n": 0}
-    real_call = fd_train.Objective.__call__
+    real_call = Objective.__call__
 
     def nan_on_calls(bad):
         def call(self, *args):
@@ -136,7 +138,7 @@ def test_nan_guard_skips_bad_steps_and_stops_after_too_many(tmp_path, monkeypatc
 
         return call
 
-    monkeypatch.setattr(fd_train.Objective, "__call__", nan_on_calls({2, 3}))
+    monkeypatch.setattr(Objective, "__call__", nan_on_calls({2, 3}))
     result = _run(tmp_path, teacher, "some", "--max_steps", "5", "--batch_size", "4")
     assert result.exit_code == 0
     lines = [json.loads(x) for x in (tmp_path / "some" / "metrics.jsonl").read_text().splitlines()]
@@ -148,7 +150,7 @@ def test_nan_guard_skips_bad_steps_and_stops_after_too_many(tmp_path, monkeypatc
     assert all(torch.isfinite(p).all() for p in result.student.parameters())
 
     calls["n"] = 0
-    monkeypatch.setattr(fd_train.Objective, "__call__", nan_on_calls("all"))
+    monkeypatch.setattr(Objective, "__call__", nan_on_calls("all"))
     capsys.readouterr()
     result = _run(tmp_path, teacher, "all", "--max_steps", "50", "--batch_size", "4", "--max_bad_steps", "4")
     assert result.exit_code == 1
@@ -198,14 +200,14 @@ def test_kill9_in_the_middle_of_a_checkpoint_save(tmp_path):
 
 def test_atomic_write_replaces_whole_files_and_keeps_the_old_one_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
-    fd_checkpoint.atomic_write(path, '{"a": 1}')
-    fd_checkpoint.atomic_write(path, b'{"a": 2}')
+    fd_fileio.atomic_write(path, '{"a": 1}')
+    fd_fileio.atomic_write(path, b'{"a": 2}')
     assert path.read_text() == '{"a": 2}' and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
     def crash(*args):
         raise OSError("disk died before the rename")
 
-    monkeypatch.setattr(fd_checkpoint.os, "replace", crash)
+    monkeypatch.setattr(fd_fileio.os, "replace", crash)
     with pytest.raises(OSError):
-        fd_checkpoint.atomic_write(path, '{"a": 3}')
+        fd_fileio.atomic_write(path, '{"a": 3}')
     assert path.read_text() == '{"a": 2}'  # the file is the old one, whole

@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 from fastdistil import data as fd_data  # noqa: E402
 from fastdistil import models as fd_models  # noqa: E402
 from fastdistil import train as fd_train  # noqa: E402
+from fastdistil.objectives import Objective  # noqa: E402
 
 WORDS = (
     "the a of and to in is was for on with as by at from that this it be are were his her they them light "
@@ -270,7 +271,7 @@ def test_length_grouped_batches_cover_every_index_once():
 def _interrupt_on_call(monkeypatch, n):
     """The n-th call of the training objective raises KeyboardInterrupt: a Ctrl-C in the middle of a step."""
     calls = {"n": 0}
-    real_call = fd_train.Objective.__call__
+    real_call = Objective.__call__
 
     def call(self, *args):
         calls["n"] += 1
@@ -278,7 +279,7 @@ def _interrupt_on_call(monkeypatch, n):
             raise KeyboardInterrupt
         return real_call(self, *args)
 
-    monkeypatch.setattr(fd_train.Objective, "__call__", call)
+    monkeypatch.setattr(Objective, "__call__", call)
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ op_module("kd_loss") returns the file's module, with its references and *_IMPLS 
 import importlib
 from types import ModuleType
 
+from fastdistil.ops._common import KERNELS, reference_kernels, use_kernels
 from fastdistil.ops.attention import attention, attention_varlen
 from fastdistil.ops.cosine_loss import cosine_loss
 from fastdistil.ops.distill_head import fused_distill_head
@@ -16,7 +17,18 @@ from fastdistil.ops.kd_loss import kd_loss
 
 OPS = ("kd_loss", "cosine_loss", "distill_head", "attention")
 
-__all__ = ["OPS", "attention", "attention_varlen", "cosine_loss", "fused_distill_head", "kd_loss", "op_module"]
+__all__ = [
+    "KERNELS",
+    "OPS",
+    "reference_kernels",
+    "use_kernels",
+    "attention",
+    "attention_varlen",
+    "cosine_loss",
+    "fused_distill_head",
+    "kd_loss",
+    "op_module",
+]
 
 
 def op_module(name: str) -> ModuleType:

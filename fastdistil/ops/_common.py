@@ -6,6 +6,7 @@ ValueError / TypeError naming the argument and the shapes, never a traceback fro
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
@@ -13,6 +14,28 @@ import torch
 from torch import Tensor
 
 REDUCTIONS = ("batchmean", "mean", "sum", "none")
+KERNELS = ("fused", "reference")
+_kernels = "fused"
+
+
+@contextlib.contextmanager
+def use_kernels(mode: str):
+    """Within the block the public loss ops (kd_loss, cosine_loss, fused_distill_head) run their fused kernels
+    ("fused", the default) or their pure-PyTorch references ("reference": the distiller's formulation, full
+    logits, autograd): one switch for everything built on the ops, instead of a branch in each caller."""
+    global _kernels
+    if mode not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {mode!r}")
+    previous, _kernels = _kernels, mode
+    try:
+        yield
+    finally:
+        _kernels = previous
+
+
+def reference_kernels() -> bool:
+    """True inside use_kernels("reference")."""
+    return _kernels == "reference"
 
 
 def check_pair(name_a: str, a, name_b: str, b, *, last_dim: str) -> None:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from fastdistil import backend
+from fastdistil.dropout_seed import dropout_threshold, fold_seed  # noqa: F401  (part of the op's spec)
 
 try:  # needs `triton`; absent on CPU-only installs
     from fastdistil.kernels import attention as triton_attention
@@ -58,18 +59,6 @@ def _mix32(x: Tensor) -> Tensor:
     x = x ^ (x >> 15)
     x = _mul32(x, 0x846CA68B)
     return x ^ (x >> 16)
-
-
-def fold_seed(seed: int) -> int:
-    """The 31-bit seed the kernels hash with (both halves of a 64-bit seed count; 31 bits keep it one
-    integer type for Triton)."""
-    seed &= (1 << 64) - 1
-    return (seed ^ (seed >> 32)) & 0x7FFFFFFF
-
-
-def dropout_threshold(dropout_p: float) -> int:
-    """keep iff (hash >> 8) >= threshold: a 24-bit uniform compared with dropout_p * 2^24."""
-    return min(int(round(dropout_p * (1 << 24))), (1 << 24) - 1) if dropout_p > 0 else 0
 
 
 def dropout_keep_ref(seed: int, batch_heads: int, L: int, dropout_p: float, device=None) -> Tensor:

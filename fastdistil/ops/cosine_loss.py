@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from fastdistil import backend
-from fastdistil.ops._common import check_mask, check_pair, check_reduction, reduce_rows
+from fastdistil.ops._common import check_mask, check_pair, check_reduction, reduce_rows, reference_kernels
 
 try:
     from fastdistil.kernels import cosine_loss as triton_cosine_loss
@@ -162,6 +162,11 @@ def cosine_loss(
     check_mask(mask, leading, student_hidden.device, "the hidden states")
     H = student_hidden.shape[-1]
     row_mask = None if mask is None else mask.reshape(-1)
+    if reference_kernels():
+        if reduction == "mean":
+            return cosine_loss_ref(student_hidden, teacher_hidden, mask)
+        loss, _ = cosine_loss_fwd_ref(student_hidden.reshape(-1, H), teacher_hidden.reshape(-1, H), row_mask)
+        return reduce_rows(loss, row_mask, reduction, leading)
     loss, _ = torch.ops.fastdistil.cosine_loss_fwd(
         student_hidden.reshape(-1, H), teacher_hidden.reshape(-1, H), row_mask
     )

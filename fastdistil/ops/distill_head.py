@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdistil import backend
-from fastdistil.ops._common import check_mask, check_temperature, is_eager
+from fastdistil.ops._common import check_mask, check_temperature, is_eager, reference_kernels
 
 try:  # needs `triton`; absent on CPU-only installs
     from fastdistil.kernels import distill_head as triton_distill_head
@@ -413,6 +413,37 @@ def check_label_values(labels, V):
         raise ValueError(f"mlm_labels holds {value}, outside [0, {V}) (the vocabulary) and not -100 (no label)")
 
 
+def _check_head_args(
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+    temperature, kl_mask, mlm_labels, alpha_ce, alpha_mlm, chunk_size,
+):  # fmt: skip
+    """Every argument check of fused_distill_head, before any GEMM; returns the checked scalars."""
+    _check_side("student", student_hidden, student_weight, student_bias)
+    _check_side("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if teacher_weight.shape[0] != student_weight.shape[0]:
+        raise ValueError(
+            f"teacher and student vocabularies differ: teacher_weight has V = {teacher_weight.shape[0]}, "
+            f"student_weight has V = {student_weight.shape[0]}"
+        )
+    leading = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != leading:
+        raise ValueError(
+            f"teacher_hidden must have the leading shape of student_hidden, {tuple(leading)}, "
+            f"got {tuple(teacher_hidden.shape[:-1])}"
+        )
+    device = student_hidden.device
+    if teacher_hidden.device != device:
+        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on {device}")
+    temperature = check_temperature(temperature)
+    alpha_ce, alpha_mlm = _check_alpha("alpha_ce", alpha_ce), _check_alpha("alpha_mlm", alpha_mlm)
+    check_mask(kl_mask, leading, device, "the hidden states")
+    V = student_weight.shape[0]
+    check_labels(mlm_labels, leading, V, device)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return temperature, alpha_ce, alpha_mlm
+
+
 def fused_distill_head(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -441,30 +472,15 @@ def fused_distill_head(
     fp32 / bf16 / fp16 inputs, and autocast (the GEMMs run in the autocast dtype); softmax math in fp32.
     Returns two fp32 scalars (fp64 for fp64 inputs); each is 0 when its row set is empty.
     """
-    _check_side("student", student_hidden, student_weight, student_bias)
-    _check_side("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    if teacher_weight.shape[0] != student_weight.shape[0]:
-        raise ValueError(
-            f"teacher and student vocabularies differ: teacher_weight has V = {teacher_weight.shape[0]}, "
-            f"student_weight has V = {student_weight.shape[0]}"
-        )
-    leading = student_hidden.shape[:-1]
-    if teacher_hidden.shape[:-1] != leading:
-        raise ValueError(
-            f"teacher_hidden must have the leading shape of student_hidden, {tuple(leading)}, "
-            f"got {tuple(teacher_hidden.shape[:-1])}"
-        )
-    device = student_hidden.device
-    if teacher_hidden.device != device:
-        raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden is on {device}")
-    temperature = check_temperature(temperature)
-    alpha_ce, alpha_mlm = _check_alpha("alpha_ce", alpha_ce), _check_alpha("alpha_mlm", alpha_mlm)
-    check_mask(kl_mask, leading, device, "the hidden states")
-    V = student_weight.shape[0]
-    check_labels(mlm_labels, leading, V, device)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-
+    temperature, alpha_ce, alpha_mlm = _check_head_args(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+        temperature, kl_mask, mlm_labels, alpha_ce, alpha_mlm, chunk_size,
+    )  # fmt: skip
+    leading, device, V = student_hidden.shape[:-1], student_hidden.device, student_weight.shape[0]
+    if reference_kernels():
+        student = (student_hidden, student_weight, student_bias)
+        teacher = (teacher_hidden, teacher_weight, teacher_bias)
+        return distill_head_ref(*student, *teacher, temperature=temperature, kl_mask=kl_mask, mlm_labels=mlm_labels)
     if torch.is_autocast_enabled(device.type):
         compute_dtype = torch.get_autocast_dtype(device.type)
     else:

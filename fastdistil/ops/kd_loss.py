@@ -23,7 +23,15 @@ import torch
 from torch import Tensor
 
 from fastdistil import backend
-from fastdistil.ops._common import check_mask, check_pair, check_reduction, check_temperature, is_eager, reduce_rows
+from fastdistil.ops._common import (
+    check_mask,
+    check_pair,
+    check_reduction,
+    check_temperature,
+    is_eager,
+    reduce_rows,
+    reference_kernels,
+)
 
 try:  # needs `triton`; absent on CPU-only installs
     from fastdistil.kernels import kd_loss as triton_kd_loss
@@ -91,6 +99,17 @@ def kd_loss_ref(student_logits, teacher_logits, temperature=2.0, mask=None, redu
     if reduction == "batchmean":
         kl = kl / max(s_sel.shape[0], 1)  # KLDivLoss(batchmean) divides by rows (here: NaN-free when empty)
     return kl * temperature**2 if scale_t2 else kl
+
+
+def _kd_rows_autograd(student_logits, teacher_logits, temperature, mask, scale_t2):
+    """Per-row KL (reduction "none") in plain autograd math, for use_kernels("reference")."""
+    T = temperature
+    log_q = torch.log_softmax(student_logits.float() / T, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.detach().float() / T, dim=-1)
+    p = log_p.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # 0 * log 0 = 0
+    kl = kl * (T * T) if scale_t2 else kl
+    return kl if mask is None else torch.where(mask, kl, 0.0)
 
 
 # -----------------------------------------------------------------------------
@@ -198,6 +217,10 @@ def kd_loss(
     leading = student_logits.shape[:-1]
     check_mask(mask, leading, student_logits.device, "the logits")
     V = student_logits.shape[-1]
+    if reference_kernels():
+        if reduction == "none":
+            return _kd_rows_autograd(student_logits, teacher_logits, temperature, mask, scale_t2)
+        return kd_loss_ref(student_logits, teacher_logits, temperature, mask, reduction, scale_t2)
     row_mask = None if mask is None else mask.reshape(-1)
     with_grad = student_logits.requires_grad and torch.is_grad_enabled()
     loss, _ = torch.ops.fastdistil.kd_loss_fwd(

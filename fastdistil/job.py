@@ -1,0 +1,354 @@
+"""A distillation job from a resolved TrainConfig, in the order that fails fast: check the output directory, load
+the teacher, build the student and the objective, push one real batch through all three, and only then tokenise
+the whole corpus, train (fastdistil.trainer), save the student, evaluate and summarise. Nothing is written to
+dump_path before every check has passed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdistil import checkpoint as fd_checkpoint
+from fastdistil import data as fd_data
+from fastdistil import distributed as fd_dist
+from fastdistil import heldout, objectives
+from fastdistil import models as fd_models
+from fastdistil import patch as fd_patch
+from fastdistil.errors import UsageError
+from fastdistil.fileio import atomic_write
+from fastdistil.ops import use_kernels
+from fastdistil.telemetry import peak_memory_mb
+from fastdistil.trainer import TrainData, Trainer, autocast
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    student: torch.nn.Module
+    summary: dict | None
+
+
+@dataclass
+class Prepared:
+    c: object  # the TrainConfig with the teacher-dependent values filled in
+    out: Path
+    teacher: fd_models.Teacher
+    student: torch.nn.Module
+    objective: objectives.Objective
+    seqs: object
+    attention: str
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks and choices that need the teacher
+
+
+def check_dump_path(c) -> Path:
+    """The output directory: new, empty, or (with --force) an earlier fastdistil run, which is then replaced.
+    A non-empty directory that is not a fastdistil run is never deleted, --force or not."""
+    out = Path(c.dump_path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--dump_path {out} is a file")
+    if c.resume:
+        if c.resume == "latest" and not (out / "train_config.json").is_file():
+            raise UsageError(f"--resume: {out} holds no fastdistil run to continue")
+        return out
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "train_config.json").is_file():
+            raise UsageError(f"--dump_path {out} is not empty and holds no fastdistil run; choose another path")
+        if not c.force:
+            raise UsageError(
+                f"--dump_path {out} already holds a run; pass --force to replace it, or choose another path"
+            )
+    return out
+
+
+def with_teacher_defaults(c, teacher: fd_models.Teacher):
+    """The loss weights and checks that depend on whether the teacher has an MLM head."""
+    if not teacher.has_mlm_head:
+        for name in ("alpha_ce", "alpha_mlm"):
+            if getattr(c, name):
+                raise UsageError(
+                    f"--{name} {getattr(c, name)}: the teacher {c.teacher} has no MLM head, so there is no vocabulary "
+                    "loss to distil (it distils hidden states: use --alpha_cos / --alpha_mse)"
+                )
+        if c.restrict_ce_to_mask:
+            raise UsageError("--restrict_ce_to_mask needs a teacher with an MLM head")
+        c = dataclasses.replace(c, alpha_ce=0.0, alpha_mlm=0.0)
+    else:
+        c = dataclasses.replace(
+            c,
+            alpha_ce=5.0 if c.alpha_ce is None else c.alpha_ce,
+            alpha_mlm=2.0 if c.alpha_mlm is None else c.alpha_mlm,
+        )
+    if c.alpha_ce + c.alpha_mlm + c.alpha_cos + c.alpha_mse == 0:
+        raise UsageError("every loss weight is 0: nothing to train")
+    max_positions = getattr(teacher.model.config, "max_position_embeddings", None)
+    if max_positions is not None and c.max_seq_len > max_positions:
+        raise UsageError(f"--max_seq_len {c.max_seq_len}: the teacher takes at most {max_positions} positions")
+    return c
+
+
+def build_student(c, teacher: fd_models.Teacher):
+    """The student (fp32 weights, whatever the teacher's dtype) and the config with its layers filled in."""
+    if c.student_pretrained:
+        student = fd_models.student_pretrained(c.student_pretrained, teacher)
+    elif c.student_config:
+        student = fd_models.student_from_config(c.student_config, teacher)
+    else:
+        layers = c.student_layers or fd_models.default_student_layers(fd_models.num_layers(teacher.model))
+        c = dataclasses.replace(c, student_layers=layers)
+        student = fd_models.student_from_teacher(teacher.model, layers)
+    fd_models.check_compatible(student, teacher, need_same_hidden=c.alpha_cos > 0 or c.alpha_mse > 0)
+    return fd_models.as_fp32(student), c
+
+
+def teacher_compute_dtype(choice: str, teacher_model, device: torch.device) -> torch.dtype:
+    """--teacher_dtype: auto keeps a half-precision checkpoint half on CUDA (memory, tensor cores) and computes in
+    fp32 on CPU (these CPUs have no fast half-precision matmul); fp32 / bf16 / fp16 force it."""
+    if choice != "auto":
+        return DTYPES[choice]
+    stored = fd_models.stored_dtype(teacher_model)
+    return stored if device.type == "cuda" and stored in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def resolve_attention(choice: str, kernels: str, device: torch.device) -> str:
+    """auto: fastdistil's Triton attention on the unpadded tokens on CUDA; on CPU transformers' sdpa, which runs
+    the same ATen kernel as fastdistil's CPU slot without paying for a reproducible dropout mask."""
+    if choice != "auto":
+        return choice
+    return "fastdistil_varlen" if device.type == "cuda" and kernels == "fused" else "sdpa"
+
+
+def set_attention(model, attention: str) -> None:
+    if attention.startswith("fastdistil"):
+        fd_patch.patch_model(model, unpad=attention == "fastdistil_varlen")
+    else:
+        fd_patch.unpatch_model(model)
+        model.set_attn_implementation(attention)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fail fast: one real batch before the long work
+
+
+def probe(c, objective: objectives.Objective, tokenizer, sample: list, device: torch.device) -> None:
+    """Forward and backward of one small real batch through teacher, student and objective, leaving no trace
+    (random streams restored, gradients dropped): a dtype, shape or kernel problem fails here, in seconds."""
+    if not sample:
+        return  # the first documents yield no sequence; tokenising the corpus will say why
+    batch = fd_data.collate_rows(sample, tokenizer.pad_token_id)
+    labels = None
+    if objective.needs.mlm_labels:
+        uniform = fd_data.MLMMasker(np.ones(len(tokenizer), dtype=np.int64), tokenizer.all_special_ids,
+                                    tokenizer.mask_token_id)  # fmt: skip
+        ids, labels = uniform(batch, torch.Generator().manual_seed(0))
+        labels = labels.to(device)
+    else:
+        ids = batch.input_ids
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            with use_kernels(c.kernels), autocast(c.precision, device):
+                losses = objective.combine(objective.terms(ids.to(device), batch.attention_mask.to(device), labels))
+            losses.total.backward()
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise UsageError(f"the first batch fails in the teacher, student or objective: {_first_line(e)}") from e
+        finally:
+            objective.student.zero_grad(set_to_none=True)
+    bad = [k for k, v in losses.terms.items() if not torch.isfinite(v)]
+    if bad:
+        raise UsageError(
+            f"the first batch gives a non-finite {', '.join(bad)}: the teacher's outputs overflow or hold NaN "
+            f"(try --teacher_dtype fp32)"
+        )
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The job
+
+
+def prepare(c, world: fd_dist.World, teacher: fd_models.Teacher | None = None, texts=None) -> Prepared:
+    """Everything that can fail on bad input, before anything is written to dump_path. `teacher` and `texts`
+    (a datasets.Dataset with a "text" column) replace c.teacher / c.data for callers of the Python API."""
+    out = check_dump_path(c)
+    teacher = teacher or fd_models.load_teacher(c.teacher)
+    c = with_teacher_defaults(c, teacher)
+    student, c = build_student(c, teacher)
+    device = torch.device(c.device)
+    teacher.model.to(device=device, dtype=teacher_compute_dtype(c.teacher_dtype, teacher.model, device))
+    student.to(device)
+    attention = resolve_attention(c.attention, c.kernels, device)
+    for model in (teacher.model, student):
+        set_attention(model, attention)
+    objective = objectives.for_teacher(c, student, teacher.model, teacher.has_mlm_head)
+    cache = Path(c.cache_dir)
+    if texts is None:
+        texts = fd_data.load_texts(c.data, cache)
+    probe(c, objective, teacher.tokenizer, fd_data.sample_sequences(texts, teacher.tokenizer, c.max_seq_len,
+                                                                    c.min_seq_len), device)  # fmt: skip
+    if not world.is_main:  # the first process tokenises and fills the cache; the others then read it
+        world.barrier()
+    seqs = fd_data.tokenise(texts, teacher.tokenizer, c.max_seq_len, c.min_seq_len, c.num_proc, f"--data {c.data}")
+    if world.is_main:
+        world.barrier()
+    return Prepared(c, out, teacher, student, objective, seqs, attention)
+
+
+def train_data(p: Prepared, train_idx) -> TrainData:
+    masker = None
+    if p.objective.needs.mlm_labels:
+        tok, c = p.teacher.tokenizer, p.c
+        counts = fd_data.token_counts(p.seqs, p.teacher.model.config.vocab_size)
+        masker = fd_data.MLMMasker(counts, tok.all_special_ids, tok.mask_token_id, mlm_mask_prop=c.mlm_mask_prop,
+                                   word_mask=c.word_mask, word_keep=c.word_keep, word_rand=c.word_rand,
+                                   mlm_smoothing=c.mlm_smoothing)  # fmt: skip
+    return TrainData(p.seqs, fd_data.sequence_lengths(p.seqs), train_idx, masker)
+
+
+def evaluation(p: Prepared, eval_idx):
+    """The held-out evaluation of the run (fastdistil.heldout), as a function the trainer calls."""
+    c, tok = p.c, p.teacher.tokenizer
+    batches = heldout.heldout_batches(p.seqs, eval_idx, tok, max(1, min(c.batch_size, 16)), c.seed + 1)
+    mlm = p.teacher.has_mlm_head
+
+    def evaluate() -> dict:
+        was_training = p.student.training
+        p.student.eval()
+        kw = dict(device=c.device, teacher_mlm=mlm, autocast=lambda: autocast(c.precision, c.device))
+        s = heldout.compare(p.student, p.teacher.model, batches, model_mlm=mlm, **kw)
+        p.student.train(was_training)
+        res = {"embedding_cosine": s["embedding_cosine"], "token_cosine": s["token_cosine"],
+               "eval_sequences": len(eval_idx)}  # fmt: skip
+        if mlm:
+            t = heldout.compare(p.teacher.model, p.teacher.model, batches, model_mlm=True, **kw)
+            res.update(student_mlm_loss=s["mlm_loss"], teacher_mlm_loss=t["mlm_loss"], student_mlm_acc=s["mlm_top1"],
+                       teacher_mlm_acc=t["mlm_top1"], student_teacher_kl=s["kl_to_teacher"])  # fmt: skip
+        return res
+
+    return evaluate
+
+
+def run(c, teacher: fd_models.Teacher | None = None, texts=None) -> RunResult:
+    """The whole job on every process (torchrun or not); the CLI and the Python API both call this."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # ours is the one bar (not one per weight load / save)
+    world, device = fd_dist.setup(c.device)
+    c = dataclasses.replace(c, device=device)
+    try:
+        with use_kernels(c.kernels):
+            return _run(c, world, teacher, texts)
+    finally:
+        fd_dist.teardown(world)
+
+
+def _run(c, world: fd_dist.World, teacher, texts) -> RunResult:
+    torch.manual_seed(c.seed)
+    np.random.seed(c.seed)
+    p = prepare(c, world, teacher, texts)
+    c = p.c
+    torch.manual_seed(c.seed + world.rank)  # dropout differs between processes (DDP syncs the weights)
+    train_idx, eval_idx = fd_data.split_train_eval(len(p.seqs), c.eval_fraction, c.seed)
+    trainer = Trainer(c, p.student, p.objective, train_data(p, train_idx), p.teacher.tokenizer, world=world,
+                      device=c.device, out=p.out, evaluate=evaluation(p, eval_idx))  # fmt: skip
+    if c.resume:
+        path, state = fd_checkpoint.choose(p.out, c.resume)
+        trainer.load_checkpoint(path, state)
+        if world.is_main:
+            print(f"fastdistil: resuming from {path} (step {state['step']})", flush=True)
+    elif world.is_main and p.out.is_dir() and any(p.out.iterdir()):  # an earlier run, and --force
+        shutil.rmtree(p.out)
+    if world.is_main:
+        p.out.mkdir(parents=True, exist_ok=True)
+        write_config(p, trainer, len(train_idx), len(eval_idx), world)
+        announce(p, trainer, len(train_idx), len(eval_idx), world)
+    world.barrier()
+    fit = trainer.fit()
+    if fit.stop_reason:
+        return RunResult(130 if fit.stop_reason == "interrupted" else 1, p.student, None)
+    if not world.is_main:
+        world.barrier()  # the first process evaluates and writes the student
+        return RunResult(0, p.student, None)
+    summary = finish(p, trainer, fit.wall_time_s)
+    world.barrier()
+    return RunResult(0, p.student, summary)
+
+
+def write_config(p: Prepared, trainer: Trainer, n_train: int, n_eval: int, world) -> None:
+    resolved = dataclasses.asdict(p.c)
+    resolved.update(teacher_has_mlm_head=p.teacher.has_mlm_head, train_sequences=n_train, eval_sequences=n_eval,
+                    total_steps=trainer.plan.total_steps, world_size=world.size)  # fmt: skip
+    atomic_write(p.out / "train_config.json", json.dumps(resolved, indent=2, default=str))
+
+
+def announce(p: Prepared, trainer: Trainer, n_train: int, n_eval: int, world) -> None:
+    c, teacher = p.c, p.teacher
+    if teacher.has_mlm_head:
+        mode = "the full DistilBERT objective (loss_ce, loss_mlm, loss_cos)"
+    else:
+        mse = ", MSE of mean-pooled embeddings" if c.alpha_mse else ""
+        mode = f"hidden states only: the teacher has no MLM head (loss_cos on the last hidden states{mse})"
+    layers = f" {c.student_layers}" if c.student_layers else ""
+    processes = f", {world.size} processes x {c.batch_size} sequences" if world.active else ""
+    print(
+        f"fastdistil: teacher {c.teacher} ({fd_models.num_layers(teacher.model)} layers) -> student "
+        f"{fd_models.num_layers(p.student)} layers{layers}; {mode}; {n_train} training / {n_eval} held-out "
+        f"sequences; {trainer.plan.total_steps} steps; kernels={c.kernels}, attention={p.attention}, "
+        f"precision={c.precision}, device={c.device}{processes}",
+        flush=True,
+    )
+
+
+def finish(p: Prepared, trainer: Trainer, wall: float) -> dict:
+    """Save the student, evaluate it, write summary.json / summary.md and print the table."""
+    out = p.out
+    fd_models.save_student(p.student, p.teacher.tokenizer, out / "student")
+    after = trainer.evaluate()
+    summary = {
+        "steps": trainer.step,
+        "tokens": trainer.tokens_seen,
+        "wall_time_s": wall,
+        "tokens_per_s": trainer.tokens_seen / max(wall, 1e-9),
+        "peak_mem_mb": peak_memory_mb(p.c.device),
+        "before": trainer.before,
+        "after": after,
+        "student": str(out / "student"),
+    }
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2))
+    table = summary_table(summary, p.teacher.has_mlm_head)
+    atomic_write(out / "summary.md", table + "\n")
+    print("\n" + table)
+    auto = "ModelForMaskedLM" if p.teacher.has_mlm_head else "Model"
+    print(f"\nstudent saved to {out / 'student'} (load it with transformers.Auto{auto}.from_pretrained)")
+    return summary
+
+
+def summary_table(s: dict, mlm: bool) -> str:
+    rows = [("held-out embedding cosine to teacher", "embedding_cosine"), ("held-out token cosine to teacher",
+            "token_cosine")]  # fmt: skip
+    if mlm:
+        rows += [("student MLM loss", "student_mlm_loss"), ("student MLM top-1 accuracy", "student_mlm_acc"),
+                 ("student-teacher KL (T=1, masked tokens)", "student_teacher_kl")]  # fmt: skip
+    lines = ["| metric | before | after |", "|---|---|---|"]
+    lines += [f"| {label} | {s['before'][k]:.4f} | {s['after'][k]:.4f} |" for label, k in rows]
+    if mlm:
+        lines += [f"| teacher MLM loss | {s['after']['teacher_mlm_loss']:.4f} | |",
+                  f"| teacher MLM top-1 accuracy | {s['after']['teacher_mlm_acc']:.4f} | |"]  # fmt: skip
+    lines += [
+        f"\n{s['steps']} steps, {s['tokens']} tokens in {s['wall_time_s']:.0f} s "
+        f"({s['tokens_per_s']:.0f} tokens/s), peak memory {s['peak_mem_mb']:.0f} MB"
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""Ctrl-C (SIGINT) and SIGTERM stop a training run at the next step boundary (checkpoint, exit 130) rather than
+in the middle of an optimizer update; a second signal stops at once (still with the last boundary's checkpoint)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+
+class StopOnSignal:
+    """Installable from the main thread only; elsewhere the default behaviour stays."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+        try:
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handler)
+        except ValueError:  # not the main thread
+            self.previous = {}
+
+    def _handler(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        print(f"\n{self.received}: stopping after this step (send it again to stop now)", file=sys.stderr)
+
+    def check(self, world=None, device="cpu"):
+        """At a step boundary: stop when any process received a signal (so all stop at the same step)."""
+        received = self.received is not None
+        if world.any(received, device) if world is not None else received:
+            raise KeyboardInterrupt
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
