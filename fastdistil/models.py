@@ -202,7 +202,7 @@ def student_from_teacher(teacher: nn.Module, layers: list[int]) -> nn.Module:
 
 def stored_dtype(model: nn.Module) -> torch.dtype:
     """The dtype a checkpoint was saved in (its config's dtype), else the dtype of the loaded weights."""
-    declared = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+    declared = getattr(model.config, "dtype", None)
     if isinstance(declared, str):
         declared = getattr(torch, declared, None)
     if isinstance(declared, torch.dtype) and declared.is_floating_point:
@@ -214,9 +214,8 @@ def as_fp32(student: nn.Module) -> nn.Module:
     """Students train fp32 weights (autocast decides the compute dtype), also when initialised from a teacher
     stored in half precision; their config then says float32, so save_pretrained writes what they hold."""
     student.float()
-    for attr in ("dtype", "torch_dtype"):
-        if getattr(student.config, attr, None) is not None:
-            setattr(student.config, attr, torch.float32)
+    if getattr(student.config, "dtype", None) is not None:
+        student.config.dtype = torch.float32
     return student
 
 
