@@ -56,7 +56,7 @@ def save_compressed(src: Model, model: nn.Module, method: str, out: Path, info: 
         "torch": torch.__version__,
     }
     meta |= info
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, marker=MARKER) as tmp:
         if method == "magnitude":
             model.save_pretrained(tmp, safe_serialization=True)
         else:

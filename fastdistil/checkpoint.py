@@ -13,6 +13,7 @@ import random
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def restore_rng_states(states: dict, mask_generator: torch.Generator) -> None:
 def save(run_dir: Path, step: int, student, tokenizer, trainer_state: dict, keep: int = 0) -> Path:
     """Write checkpoint step-<step> atomically; keep only the newest `keep` complete ones (0 = all)."""
     final = Path(run_dir) / "checkpoints" / f"step-{step}"
-    with atomic_directory(final) as tmp:
+    with atomic_directory(final, marker=MARKER) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -78,6 +79,19 @@ def complete(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+@dataclass
+class Loaded:
+    """A checkpoint read whole: every file that resuming needs, checked before anything is applied."""
+
+    path: Path
+    state: dict  # trainer_state.pt
+    weights: dict  # model.safetensors
+
+
+def _unreadable(f: Path, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{f} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+
+
 def load_state(path: Path) -> dict:
     """trainer_state.pt of a checkpoint, with a clear error naming the file when it is missing or corrupt."""
     f = Path(path) / STATE_FILE
@@ -86,36 +100,45 @@ def load_state(path: Path) -> dict:
     try:
         state = torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise CheckpointError(f"{f} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
+        raise _unreadable(f, e) from e
     for key in ("step", "epoch", "batch_in_epoch", "optimizer", "scheduler", "rng"):
         if key not in state:
             raise CheckpointError(f"{f} has no {key!r}: not a checkpoint of this trainer")
     return state
 
 
-def load_weights(path: Path, student) -> None:
-    """Copy a checkpoint's weights into `student` (same architecture), with a clear error naming the file."""
+def read_weights(path: Path) -> dict:
+    """model.safetensors of a checkpoint (every tensor read, so a truncated or damaged file is found here)."""
     from safetensors.torch import load_file
 
     f = Path(path) / "model.safetensors"
     try:
-        weights = load_file(f)
+        return load_file(f)
     except Exception as e:
-        raise CheckpointError(f"{f} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
-    missing, unexpected = student.load_state_dict(weights, strict=False)
+        raise _unreadable(f, e) from e
+
+
+def load(path: Path) -> Loaded:
+    return Loaded(Path(path), load_state(path), read_weights(path))
+
+
+def apply_weights(loaded: Loaded, student) -> None:
+    """Copy a checkpoint's weights into `student` (same architecture), with a clear error naming the file."""
+    missing, unexpected = student.load_state_dict(loaded.weights, strict=False)
     missing = [k for k in missing if k not in tied_keys(student)]
     if missing or unexpected:
+        f = loaded.path / "model.safetensors"
         raise CheckpointError(f"{f} does not match the student: missing {missing[:3]}, unexpected {unexpected[:3]}")
     student.tie_weights()
 
 
-def choose(run_dir: Path, resume: str) -> tuple[Path, dict]:
-    """The checkpoint --resume continues from, and its trainer state: PATH, or ("latest") the newest complete one
-    that loads (an unreadable one is reported, naming the file, and the previous one is tried)."""
+def choose(run_dir: Path, resume: str) -> Loaded:
+    """The checkpoint --resume continues from, read whole: PATH, or ("latest") the newest complete one whose
+    every file reads (an unreadable file is reported by name, and the previous checkpoint is tried)."""
     if resume != "latest":
         path = Path(resume)
         try:
-            return path, load_state(path)
+            return load(path)
         except CheckpointError as e:
             raise CheckpointError(f"--resume {path}: {e}") from e
     candidates = complete(run_dir)
@@ -123,7 +146,7 @@ def choose(run_dir: Path, resume: str) -> tuple[Path, dict]:
         raise CheckpointError(f"--resume: {run_dir} has no complete checkpoint")
     for i, path in enumerate(candidates):
         try:
-            return path, load_state(path)
+            return load(path)
         except CheckpointError as e:
             fallback = f"; falling back to {candidates[i + 1].name}" if i + 1 < len(candidates) else ""
             print(f"warning: checkpoint {e}{fallback}", file=sys.stderr)

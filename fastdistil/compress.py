@@ -32,6 +32,7 @@ from pathlib import Path
 from fastdistil import artifacts
 from fastdistil import evaluate as fd_eval
 from fastdistil.errors import EXIT_USAGE, UsageError
+from fastdistil.fileio import check_destination
 from fastdistil.shrink import choose_heads, head_importance, keep_heads, prune_magnitude, quantize_int8
 
 MARKER = artifacts.MARKER
@@ -91,8 +92,7 @@ def main(argv=None) -> int:
         fd_eval.check_common(c)
         if c.method != "int8" and not 0 < c.sparsity < 1:
             raise fd_eval.EvalError(f"--sparsity must be in (0, 1), got {c.sparsity}")
-        if Path(c.out).resolve() == Path(c.model).resolve():
-            raise fd_eval.EvalError("--out must differ from --model (the original is evaluated against)")
+        check_destination(c.out, "--out", marker=MARKER, inputs=(c.model,))
         compress(c)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

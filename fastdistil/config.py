@@ -21,6 +21,7 @@ from typing import Any, Callable
 from fastdistil.data import BUILTIN_CORPUS
 from fastdistil.errors import UsageError
 from fastdistil.models import BUILTIN_TEACHER
+from fastdistil.ops._common import MAX_TEMPERATURE
 
 BUILTIN_MAX_STEPS = 150  # the no-argument job: about six minutes on two CPU cores
 
@@ -48,7 +49,7 @@ def finite_positive(v) -> str | None:
 def in_range(lo, hi, lo_open=False, hi_open=False) -> Callable:
     def check(v):
         ok = math.isfinite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
-        return None if ok else f"must be in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        return None if ok else f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
 
     return check
 
@@ -131,7 +132,8 @@ def _options() -> list[Option]:
         O("min_seq_len", int, 12, "shorter sequences are dropped (default 12)", data, positive),
         O("eval_fraction", float, 0.02, "held-out share of the sequences (default 0.02, at most 2000)", data,
           in_range(0, 1, lo_open=True, hi_open=True)),
-        O("temperature", float, 2.0, "softmax temperature of loss_ce (default 2.0)", obj, finite_positive),
+        O("temperature", float, 2.0, f"softmax temperature of loss_ce, in (0, {MAX_TEMPERATURE:g}] (default 2.0)", obj,
+          in_range(0, MAX_TEMPERATURE, lo_open=True)),
         O("alpha_ce", float, None, "weight of the vocabulary KL (default 5.0 with an MLM head, else 0)", obj,
           finite_non_negative, optional=True),
         O("alpha_mlm", float, None, "weight of the MLM loss (default 2.0 with an MLM head, else 0)", obj,

@@ -13,11 +13,13 @@ and DistilBERT's dynamic MLM masking.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import math
 import os
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +126,31 @@ def resolve_text_files(spec: str, cache_dir: Path) -> list[str] | None:
     return None
 
 
+def check_text_file(path: str, limit: int | None = None) -> None:
+    """DataError naming the file when it is not UTF-8 text (or, for .gz, not gzip), reading at most `limit`
+    bytes of text (None: all of it)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    opener = gzip.open if path.endswith(".gz") else open
+    done = 0
+    try:
+        with opener(path, "rb") as f:
+            while limit is None or done < limit:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                decoder.decode(chunk, final=False)
+                done += len(chunk)
+    except gzip.BadGzipFile as e:
+        raise DataError(f"--data: {path} is not a gzip file, though its name ends in .gz") from e
+    except (EOFError, zlib.error) as e:
+        raise DataError(f"--data: {path} is a damaged gzip file ({e})") from e
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"--data: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {done + e.start}); "
+            "give a text file, one document per line"
+        ) from e
+
+
 def load_texts(spec: str, cache_dir: Path):
     """A datasets.Dataset with a "text" column for `spec`."""
     import datasets
@@ -134,6 +161,9 @@ def load_texts(spec: str, cache_dir: Path):
             for f in files:
                 if os.path.getsize(f) == 0:
                     raise DataError(f"--data: {f} is empty")
+                # Fail fast: the first MB of text (a compressed file whole: its end is where a cut shows); the rest
+                # of a plain file on a loader error below.
+                check_text_file(f, limit=None if f.endswith(".gz") else 1 << 20)
             ds = datasets.load_dataset("text", data_files=files, split="train", cache_dir=str(cache_dir / "datasets"))
         else:
             name, _, config = spec.partition(":")
@@ -143,6 +173,8 @@ def load_texts(spec: str, cache_dir: Path):
     except UnicodeDecodeError as e:
         raise DataError(f"--data {spec}: not UTF-8 text ({e})") from e
     except Exception as e:  # datasets raises many types for unreachable hubs / unknown names
+        for f in files or ():
+            check_text_file(f)  # name the file and what is wrong with it, when that is the cause
         raise DataError(f"--data {spec}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     if "text" not in ds.column_names:
         raise DataError(f"--data {spec}: the dataset has no 'text' column (columns: {ds.column_names})")

@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -42,7 +43,7 @@ from fastdistil import heldout
 from fastdistil import models as fd_models
 from fastdistil.artifacts import Model, load_model  # noqa: F401  (load_model: the CLI's loader)
 from fastdistil.errors import EXIT_USAGE, UsageError
-from fastdistil.fileio import atomic_write
+from fastdistil.fileio import atomic_write, check_destination
 from fastdistil.models import encoder
 from fastdistil.padding import mean_pool
 
@@ -464,6 +465,7 @@ def run(c, roles=("teacher", "student")) -> list[dict]:
         check_same_tokenizer(teacher, s)
         if s.format == "int8" and device.type != "cpu":
             raise EvalError(f"{s.name}: dynamically quantized int8 models run on the CPU only; use --device cpu")
+    check_positions(teacher, c)  # before the held-out text is tokenised and any model runs
     batches = heldout_batches(c.data, teacher.tokenizer, c) if c.data else []
     for m in (teacher, *students):
         m.model.to(device).eval()
@@ -564,6 +566,14 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", dest="progress", action="store_false", help="no progress output")
 
 
+def check_positions(teacher: Model, c) -> None:
+    positions = getattr(teacher.model.config, "max_position_embeddings", None)
+    for flag in ("seq_len", "max_seq_len"):
+        if positions is not None and getattr(c, flag) > positions:
+            given = getattr(c, flag)
+            raise EvalError(f"--{flag} {given}: the teacher {teacher.name} takes at most {positions} positions")
+
+
 def check_common(c) -> None:
     positive = ("max_seq_len", "max_sequences", "eval_batch_size", "finetune_epochs", "finetune_batch_size",
                 "batch_size", "seq_len", "repeats")  # fmt: skip
@@ -577,6 +587,12 @@ def check_common(c) -> None:
             raise EvalError(f"--{k} must be in (0, 1), got {getattr(c, k)}")
     if not 3 <= c.max_seq_len <= 512 or not 1 <= c.seq_len <= 512:
         raise EvalError("--max_seq_len and --seq_len must be at most 512 (BERT's positions)")
+    if not (math.isfinite(c.finetune_lr) and c.finetune_lr > 0):
+        raise EvalError(f"--finetune_lr must be a finite number > 0, got {c.finetune_lr}")
+    if c.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device):
+        raise EvalError(f"--device must be cpu, cuda or cuda:N, got {c.device!r}")
+    if c.device is not None and c.device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {c.device}: no CUDA device here")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -594,6 +610,7 @@ def main(argv=None) -> int:
     c = build_parser().parse_args(argv)
     try:
         check_common(c)
+        check_destination(c.out, "--out", marker="report.json", inputs=(c.teacher, *c.students))
         run(c)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

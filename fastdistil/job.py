@@ -5,9 +5,12 @@ dump_path before every check has passed."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +24,9 @@ from fastdistil import heldout, objectives
 from fastdistil import models as fd_models
 from fastdistil import patch as fd_patch
 from fastdistil.errors import UsageError
-from fastdistil.fileio import atomic_write
+from fastdistil.fileio import DiskFullError, atomic_write, check_writable_parent
 from fastdistil.ops import use_kernels
+from fastdistil.signals import StopOnSignal
 from fastdistil.telemetry import peak_memory_mb
 from fastdistil.trainer import TrainData, Trainer, autocast
 
@@ -51,24 +55,44 @@ class Prepared:
 # Checks and choices that need the teacher
 
 
+RUN_MARKER = "train_config.json"  # what makes a directory a fastdistil run
+UNSTARTED_FILES = {RUN_MARKER, "metrics.jsonl", "tensorboard", "checkpoints"}
+
+
 def check_dump_path(c) -> Path:
-    """The output directory: new, empty, or (with --force) an earlier fastdistil run, which is then replaced.
-    A non-empty directory that is not a fastdistil run is never deleted, --force or not."""
+    """The output directory: new, empty, a run that never reached its first step (a signal or a crash during
+    loading, tokenisation or the first evaluation), or (with --force) an earlier fastdistil run; the last two are
+    replaced. A non-empty directory that is not a fastdistil run is never deleted, --force or not."""
     out = Path(c.dump_path)
+    check_writable_parent(out, "--dump_path")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--dump_path {out} is a file")
     if c.resume:
-        if c.resume == "latest" and not (out / "train_config.json").is_file():
+        if c.resume == "latest" and not (out / RUN_MARKER).is_file():
             raise UsageError(f"--resume: {out} holds no fastdistil run to continue")
+        if c.resume == "latest" and unstarted_run(out):
+            raise UsageError(f"--resume: {out} holds a run that stopped before its first step; run the same command "
+                             "without --resume to start it again")  # fmt: skip
         return out
     if out.is_dir() and any(out.iterdir()):
-        if not (out / "train_config.json").is_file():
+        if not (out / RUN_MARKER).is_file():
             raise UsageError(f"--dump_path {out} is not empty and holds no fastdistil run; choose another path")
-        if not c.force:
+        if not c.force and not unstarted_run(out):
             raise UsageError(
                 f"--dump_path {out} already holds a run; pass --force to replace it, or choose another path"
             )
     return out
+
+
+def unstarted_run(out: Path) -> bool:
+    """A run directory holding nothing but what a run writes before its first step: no checkpoint, no student,
+    no step in its metrics."""
+    if not (out / RUN_MARKER).is_file() or fd_checkpoint.complete(out):
+        return False
+    if not {p.name for p in out.iterdir()} <= UNSTARTED_FILES:
+        return False
+    metrics = out / "metrics.jsonl"
+    return not metrics.is_file() or '"step"' not in metrics.read_text()
 
 
 def with_teacher_defaults(c, teacher: fd_models.Teacher):
@@ -248,14 +272,21 @@ def run(c, teacher: fd_models.Teacher | None = None, texts=None) -> RunResult:
     transformers.utils.logging.disable_progress_bar()  # ours is the one bar (not one per weight load / save)
     world, device = fd_dist.setup(c.device)
     c = dataclasses.replace(c, device=device)
+    signals = StopOnSignal()  # the whole run: a signal before the loop stops at once, in the loop at a step
     try:
         with use_kernels(c.kernels):
-            return _run(c, world, teacher, texts)
+            return _run(c, world, teacher, texts, signals)
+    except KeyboardInterrupt:
+        if world.is_main:
+            name = signals.received or "interrupted"
+            print(f"\n{name} before the first training step: nothing of this run was kept", file=sys.stderr)
+        return RunResult(130, None, None)
     finally:
+        signals.restore()
         fd_dist.teardown(world)
 
 
-def _run(c, world: fd_dist.World, teacher, texts) -> RunResult:
+def _run(c, world: fd_dist.World, teacher, texts, signals: StopOnSignal) -> RunResult:
     torch.manual_seed(c.seed)
     np.random.seed(c.seed)
     p = prepare(c, world, teacher, texts)
@@ -263,28 +294,53 @@ def _run(c, world: fd_dist.World, teacher, texts) -> RunResult:
     torch.manual_seed(c.seed + world.rank)  # dropout differs between processes (DDP syncs the weights)
     train_idx, eval_idx = fd_data.split_train_eval(len(p.seqs), c.eval_fraction, c.seed)
     trainer = Trainer(c, p.student, p.objective, train_data(p, train_idx), p.teacher.tokenizer, world=world,
-                      device=c.device, out=p.out, evaluate=evaluation(p, eval_idx))  # fmt: skip
+                      device=c.device, out=p.out, evaluate=evaluation(p, eval_idx), signals=signals)  # fmt: skip
     if c.resume:
-        path, state = fd_checkpoint.choose(p.out, c.resume)
-        trainer.load_checkpoint(path, state)
+        loaded = fd_checkpoint.choose(p.out, c.resume)
+        trainer.load_checkpoint(loaded)
         if world.is_main:
-            print(f"fastdistil: resuming from {path} (step {state['step']})", flush=True)
-    elif world.is_main and p.out.is_dir() and any(p.out.iterdir()):  # an earlier run, and --force
+            print(f"fastdistil: resuming from {loaded.path} (step {loaded.state['step']})", flush=True)
+    elif world.is_main and p.out.is_dir() and any(p.out.iterdir()):  # an earlier run: --force, or never started
         shutil.rmtree(p.out)
-    if world.is_main:
-        p.out.mkdir(parents=True, exist_ok=True)
-        write_config(p, trainer, len(train_idx), len(eval_idx), world)
-        announce(p, trainer, len(train_idx), len(eval_idx), world)
-    world.barrier()
-    fit = trainer.fit()
+    with _forget_if_unstarted(p.out, trainer, world, resumed=bool(c.resume)):
+        if world.is_main:
+            p.out.mkdir(parents=True, exist_ok=True)
+            write_config(p, trainer, len(train_idx), len(eval_idx), world)
+            announce(p, trainer, len(train_idx), len(eval_idx), world)
+        world.barrier()
+        fit = _fit_or_rescue(p, trainer)
     if fit.stop_reason:
         return RunResult(130 if fit.stop_reason == "interrupted" else 1, p.student, None)
     if not world.is_main:
         world.barrier()  # the first process evaluates and writes the student
         return RunResult(0, p.student, None)
-    summary = finish(p, trainer, fit.wall_time_s)
+    with signals.deferred():  # the steps are done: saving and the last evaluation finish whatever arrives
+        summary = finish(p, trainer, fit.wall_time_s)
+    if signals.received:
+        print(f"{signals.received} arrived after the last step: the run was completed and saved", file=sys.stderr)
     world.barrier()
     return RunResult(0, p.student, summary)
+
+
+@contextlib.contextmanager
+def _forget_if_unstarted(out: Path, trainer: Trainer, world, resumed: bool):
+    """A run stopped by a signal or an error before its first step (and before any checkpoint) leaves nothing
+    behind: the same command then starts afresh instead of finding 'a run' in its way."""
+    try:
+        yield
+    except BaseException:
+        if world.is_main and not resumed and trainer.step == 0 and out.is_dir() and unstarted_run(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _fit_or_rescue(p: Prepared, trainer: Trainer):
+    """fit(); when the checkpoint of a stopped run cannot be written (a full disk), the trained weights are saved
+    elsewhere rather than lost."""
+    try:
+        return trainer.fit()
+    except DiskFullError as e:
+        raise rescue(p, e) from e
 
 
 def write_config(p: Prepared, trainer: Trainer, n_train: int, n_eval: int, world) -> None:
@@ -315,7 +371,10 @@ def announce(p: Prepared, trainer: Trainer, n_train: int, n_eval: int, world) ->
 def finish(p: Prepared, trainer: Trainer, wall: float) -> dict:
     """Save the student, evaluate it, write summary.json / summary.md and print the table."""
     out = p.out
-    fd_models.save_student(p.student, p.teacher.tokenizer, out / "student")
+    try:
+        fd_models.save_student(p.student, p.teacher.tokenizer, out / "student")
+    except (OSError, DiskFullError) as e:  # the trained weights must not be lost with the process
+        raise rescue(p, e) from e
     after = trainer.evaluate()
     summary = {
         "steps": trainer.step,
@@ -334,6 +393,20 @@ def finish(p: Prepared, trainer: Trainer, wall: float) -> dict:
     auto = "ModelForMaskedLM" if p.teacher.has_mlm_head else "Model"
     print(f"\nstudent saved to {out / 'student'} (load it with transformers.Auto{auto}.from_pretrained)")
     return summary
+
+
+def rescue(p: Prepared, error: Exception) -> UsageError:
+    """Save the trained student in a fresh temporary directory (usually another file system) after a failed save;
+    the error to report says where it went, or that it could not be saved at all."""
+    place = Path(tempfile.mkdtemp(prefix="fastdistil-rescued-student-"))
+    try:
+        p.student.save_pretrained(place, safe_serialization=True)
+        p.teacher.tokenizer.save_pretrained(place)
+    except OSError as again:
+        shutil.rmtree(place, ignore_errors=True)
+        return UsageError(f"{error}; saving the trained student elsewhere failed too ({again}): free some space and "
+                          "--resume from the last checkpoint")  # fmt: skip
+    return UsageError(f"{error}; the trained student was saved to {place} instead")
 
 
 def summary_table(s: dict, mlm: bool) -> str:

@@ -22,6 +22,7 @@ BUILTIN_TEACHER = "builtin:all-MiniLM-L6-v2"
 # Layer containers of the BERT-family models fastdistil copies layers of.
 _LAYER_KEY = re.compile(r"^(.*?\b(?:encoder\.layer|transformer\.layer|encoder\.layers))\.(\d+)\.(.*)$")
 _NUM_LAYERS_ATTRS = ("num_hidden_layers", "n_layers")
+SUPPORTED_MODEL_TYPES = ("bert", "distilbert", "roberta", "xlm-roberta")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
 
 
@@ -62,11 +63,7 @@ def load_teacher(name_or_path: str) -> Teacher:
         config = transformers.AutoConfig.from_pretrained(path)
     except Exception as e:
         raise ModelError(f"--teacher {name_or_path}: cannot read its config ({_first_line(e)})") from e
-    if not _layer_count_attr(config):
-        raise ModelError(
-            f"--teacher {name_or_path}: model_type {config.model_type!r} is not a BERT-family encoder "
-            "that fastdistil supports"
-        )
+    check_family(config, f"--teacher {name_or_path}")
     if local and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         raise ModelError(
             f"--teacher {name_or_path}: no usable tokenizer saved with it (none of {', '.join(_TOKENIZER_FILES)})"
@@ -77,7 +74,10 @@ def load_teacher(name_or_path: str) -> Teacher:
         raise ModelError(f"--teacher {name_or_path}: no usable tokenizer saved with it ({_first_line(e)})") from e
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"--teacher {name_or_path}: its tokenizer is not a fast tokenizer")
-    keys = _checkpoint_keys(path) if local else None
+    try:
+        keys = _checkpoint_keys(path) if local else None
+    except Exception as e:  # a truncated or damaged weights file: its header does not read
+        raise ModelError(f"--teacher {name_or_path}: cannot read its weights ({_first_line(e)})") from e
     try:
         with quiet(transformers):
             if keys is not None:  # decide from the weights the checkpoint holds, without a trial load
@@ -123,6 +123,18 @@ def quiet(transformers):
             yield
     finally:
         transformers.utils.logging.set_verbosity(previous)
+
+
+def check_family(config, what: str) -> None:
+    """Only the bidirectional BERT-family encoders the recipes are written for, refused by name otherwise (a
+    causal LM would be 'distilled' as if it saw both sides of every token)."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES or not _layer_count_attr(config):
+        raise ModelError(
+            f"{what}: model_type {config.model_type!r} is not a BERT-family encoder that fastdistil supports "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    if getattr(config, "is_decoder", False):
+        raise ModelError(f"{what}: the model is configured as a decoder (is_decoder=True); fastdistil distils encoders")
 
 
 def _checkpoint_keys(path: str) -> set[str] | None:
@@ -232,8 +244,12 @@ def student_from_config(config_path: str, teacher: Teacher) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(config_path)
     except Exception as e:
         raise ModelError(f"--student_config {config_path}: cannot read it ({_first_line(e)})") from e
+    check_family(config, f"--student_config {config_path}")
     auto = transformers.AutoModelForMaskedLM if teacher.has_mlm_head else transformers.AutoModel
-    return auto.from_config(config).train()
+    try:
+        return auto.from_config(config).train()
+    except Exception as e:
+        raise ModelError(f"--student_config {config_path}: cannot build a model from it ({_first_line(e)})") from e
 
 
 def student_pretrained(path: str, teacher: Teacher) -> nn.Module:
@@ -283,6 +299,7 @@ def hidden_size(model: nn.Module) -> int:
 def save_student(student: nn.Module, tokenizer, out_dir: Path) -> None:
     """save_pretrained (safetensors, config with model_type and architectures) plus the tokenizer, written
     through fastdistil.fileio.atomic_directory: a crash never leaves a half-written student."""
-    with atomic_directory(out_dir) as tmp:
+    size = sum(p.numel() * p.element_size() for p in student.parameters())
+    with atomic_directory(out_dir, marker="config.json", expected_bytes=size) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

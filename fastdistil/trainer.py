@@ -23,6 +23,7 @@ from fastdistil import checkpoint as fd_checkpoint
 from fastdistil import data as fd_data
 from fastdistil import distributed as fd_dist
 from fastdistil.errors import UsageError
+from fastdistil.fileio import DiskFullError
 from fastdistil.signals import StopOnSignal
 from fastdistil.telemetry import StepLog, peak_memory_mb, truncate_metrics
 
@@ -110,9 +111,10 @@ class FitResult:
 
 class Trainer:
     def __init__(self, c, student, objective, data: TrainData, tokenizer, *, world: fd_dist.World, device, out,
-                 evaluate: Callable[[], dict]):  # fmt: skip
+                 evaluate: Callable[[], dict], signals: StopOnSignal | None = None):  # fmt: skip
         self.c, self.student, self.objective, self.data, self.tokenizer = c, student, objective, data, tokenizer
         self.world, self.device, self.out, self.evaluate = world, torch.device(device), Path(out), evaluate
+        self.signals = signals  # the job's handler (covering the whole run); None: the loop installs its own
         self.plan = plan_steps(c, len(data.train_idx), world.size)
         self.optimizer, self.scheduler, self.scaler = build_optimizer(c, student, self.plan.total_steps, self.device)
         self.runner = self._wrap(fd_dist.ObjectiveModule(student, objective))
@@ -133,12 +135,13 @@ class Trainer:
 
     # -- resume -------------------------------------------------------------------------------------------------
 
-    def load_checkpoint(self, path: Path, state: dict) -> None:
+    def load_checkpoint(self, loaded: fd_checkpoint.Loaded) -> None:
         """Weights, optimizer, scheduler and GradScaler of a checkpoint (before anything else is written)."""
         try:
-            fd_checkpoint.load_weights(path, self.student)
+            fd_checkpoint.apply_weights(loaded, self.student)
         except fd_checkpoint.CheckpointError as e:
             raise fd_checkpoint.CheckpointError(f"--resume: {e}") from e
+        state = loaded.state
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
@@ -182,21 +185,23 @@ class Trainer:
         self.log = StepLog(self.out, main=self.world.is_main, total_steps=plan.total_steps, first_step=self.step,
                            tensorboard=c.tensorboard, log_interval=c.log_interval)  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
-        stop = StopOnSignal()
+        stop = self.signals or StopOnSignal()
         start = self.boundary
         try:
-            for epoch in range(start.epoch, plan.n_epochs):
-                if self.step >= plan.total_steps:
-                    break
-                if self._epoch(epoch, start.batch_in_epoch if epoch == start.epoch else 0, stop):
-                    break
+            with stop.deferred():
+                for epoch in range(start.epoch, plan.n_epochs):
+                    if self.step >= plan.total_steps:
+                        break
+                    if self._epoch(epoch, start.batch_in_epoch if epoch == start.epoch else 0, stop):
+                        break
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (see StopOnSignal)
             return "interrupted"
         except FloatingPointError as e:  # raised instead of an optimizer step: the weights are still good
             return str(e)
         finally:
             self.log.close()
-            stop.restore()
+            if stop is not self.signals:
+                stop.restore()
         return None
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
@@ -329,7 +334,10 @@ class Trainer:
         if step >= self.plan.total_steps:
             return
         if c.checkpoint_interval and step % c.checkpoint_interval == 0:
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except DiskFullError as e:  # the previous checkpoints stay; the final save has its own fallback
+                print(f"warning: {e}; the checkpoint of step {step} is skipped and training goes on", file=sys.stderr)
         if c.eval_interval and step % c.eval_interval == 0 and self.world.is_main:
             self.log.write({"step": step, "eval": self.evaluate()})
 
@@ -354,8 +362,8 @@ class Trainer:
             "rng_per_rank": rng_per_rank,
             **(extra or {}),
         }
-        path = fd_checkpoint.save(
-            self.out, self.step, self.student, self.tokenizer, state, keep=self.c.keep_checkpoints
-        )
-        self.world.barrier()
-        return path
+        keep = self.c.keep_checkpoints
+        try:
+            return fd_checkpoint.save(self.out, self.step, self.student, self.tokenizer, state, keep=keep)
+        finally:
+            self.world.barrier()  # the other processes wait for the save, whether it worked or not

@@ -73,12 +73,22 @@ def check_mask(mask, leading_shape: torch.Size, device: torch.device, what: str)
         raise ValueError(f"mask must be on {device} like {what}, got {mask.device}")
 
 
+# Beyond this temperature softmax(logits / T) is flat to within fp32 rounding and the T^2-scaled KL loses its
+# digits (measured: 4e-4 relative error at T = 100, 4% at 1e3, 100% at 1e5 against float64).
+MAX_TEMPERATURE = 100.0
+
+
 def check_temperature(temperature) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a real number, got {type(temperature).__name__}")
     t = float(temperature)
     if not math.isfinite(t) or t <= 0:
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if t > MAX_TEMPERATURE:
+        raise ValueError(
+            f"temperature {temperature} is above {MAX_TEMPERATURE:g}: there softmax(logits / T) is uniform to within "
+            "fp32 rounding and the T^2-scaled KL is not computed accurately"
+        )
     return t
 
 

@@ -181,6 +181,9 @@ def _additive_mask(key_padding_mask, like):
 
 
 def attention_fwd_cpu(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed):
+    if q.numel() == 0:  # no query, head or dimension: ATen's CPU kernel divides by zero there
+        out, lse = _fwd_fake(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed)
+        return out.zero_(), lse.fill_(-math.inf)
     if dropout_p > 0 or cu_seqlens is not None or q.dtype == torch.float64:
         return attention_fwd_ref(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed)
     mask = _additive_mask(key_padding_mask, q)
@@ -196,6 +199,8 @@ def attention_fwd_cpu(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout
 
 
 def attention_bwd_cpu(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed):
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if dropout_p > 0 or cu_seqlens is not None or q.dtype == torch.float64:
         return attention_bwd_ref(
             dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, scale, seed
@@ -340,7 +345,7 @@ def attention(
     out, _ = torch.ops.fastdistil.attention_fwd(
         _unit_stride(q), _unit_stride(k), _unit_stride(v), key_padding_mask, None, 0, dropout_p, scale, seed
     )
-    return out
+    return _nan_rows_stay_nan(q, out)
 
 
 def attention_varlen(
@@ -378,7 +383,13 @@ def attention_varlen(
     out, _ = torch.ops.fastdistil.attention_fwd(
         _unit_stride(q), _unit_stride(k), _unit_stride(v), None, cu_seqlens, int(max_seqlen), dropout_p, scale, seed
     )
-    return out
+    return _nan_rows_stay_nan(q, out)
+
+
+def _nan_rows_stay_nan(q: Tensor, out: Tensor) -> Tensor:
+    """NaN in, NaN out: a query row holding NaN gives a NaN output row, as in every other op here (flash kernels
+    can turn such a row's NaN scores into zeros). One elementwise pass over q, small next to the attention."""
+    return out.clone().masked_fill_(torch.isnan(q).any(-1, keepdim=True), torch.nan)  # clone: out's layout
 
 
 def unpad_indices(mask: Tensor) -> tuple[Tensor, Tensor, int]:
