@@ -52,4 +52,21 @@ inline at::Tensor checked_epilogue_args(const at::Tensor& student, const at::Ten
   return labels->contiguous();
 }
 
+// Every tensor argument of the epilogue on the logits' device: a CUDA kernel handed a host pointer (a CPU scalar
+// coefficient, say) would read host memory and bring the process down; the CPU kernel would read device memory.
+inline void check_epilogue_devices(const at::Tensor& student, const at::Tensor& teacher,
+                                   const std::optional<at::Tensor>& kl_rows, const std::optional<at::Tensor>& labels,
+                                   const at::Tensor& kl_coef, const at::Tensor& mlm_coef) {
+  const auto device = student.device();
+  const auto same = [&](const at::Tensor& x, const char* name) {
+    TORCH_CHECK(x.device() == device, name, " is on ", x.device(), " but student_logits is on ", device,
+                ": every tensor argument of the epilogue must be on the logits' device");
+  };
+  same(teacher, "teacher_logits");
+  if (kl_rows.has_value() && kl_rows->defined()) same(*kl_rows, "kl_rows");
+  if (labels.has_value() && labels->defined()) same(*labels, "labels");
+  same(kl_coef, "kl_coef");
+  same(mlm_coef, "mlm_coef");
+}
+
 }  // namespace fastdistil

@@ -68,14 +68,16 @@ def _seq_bounds(cu_ptr, kv_end_ptr, b, L, IS_VARLEN: tl.constexpr, HAS_KV_END: t
 @triton.jit
 def _program_tile(cu_ptr, kv_end_ptr, H, L, D, IS_VARLEN: tl.constexpr, HAS_KPM: tl.constexpr, BLOCK: tl.constexpr,
                   BLOCK_D: tl.constexpr):  # fmt: skip
-    """What every program starts from: its batch*head index bh = program_id(1) (and b, h), its sequence (first
-    token, length, keys to visit), and its tile of BLOCK positions (program_id(0)): the positions in the sequence,
-    the lanes of D in use, the (BLOCK, BLOCK_D) load mask and the absolute row indices."""
-    bh = tl.program_id(1)
-    b = bh // H
+    """What every program starts from: its batch*head index bh = program_id(0) (and b, h), its sequence (first
+    token, length, keys to visit), and its tile of BLOCK positions (program_id(1)): the positions in the sequence,
+    the lanes of D in use, the (BLOCK, BLOCK_D) load mask and the absolute row indices. batch*heads sits on grid
+    axis 0 (up to 2^31 - 1 programs; axis 1 takes at most 65535 tiles, L up to 4 M at BLOCK 64), and b is int64
+    so that b * batch stride cannot overflow int32 in large batches."""
+    bh = tl.program_id(0)
+    b = (bh // H).to(tl.int64)
     h = bh % H
     start, seqlen, kv_end = _seq_bounds(cu_ptr, kv_end_ptr, b, L, IS_VARLEN, HAS_KPM)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
     tile_mask = (offs < seqlen)[:, None] & dmask[None, :]
@@ -115,7 +117,7 @@ def _attn_fwd_kernel(
     bh, b, h, start, seqlen, kv_end, offs_m, offs_d, dmask, qmask, rows = _program_tile(
         cu_ptr, kv_end_ptr, H, L, D, IS_VARLEN, HAS_KPM, BLOCK_M, BLOCK_D
     )
-    if tl.program_id(0) * BLOCK_M >= seqlen:
+    if tl.program_id(1) * BLOCK_M >= seqlen:
         return
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], mask=qmask, other=0.0)
     k_base = K + b * skb + h * skh + start.to(tl.int64) * skm
@@ -176,7 +178,7 @@ def _attn_bwd_dkdv_kernel(
     bh, b, h, start, seqlen, kv_end, offs_n, offs_d, dmask, nmask, cols = _program_tile(
         cu_ptr, kv_end_ptr, H, L, D, IS_VARLEN, HAS_KPM, BLOCK_N, BLOCK_D
     )
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(1)
     if pid_n * BLOCK_N >= seqlen:
         return
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -225,7 +227,7 @@ def _attn_bwd_dq_kernel(
     bh, b, h, start, seqlen, kv_end, offs_m, offs_d, dmask, mmask, rows = _program_tile(
         cu_ptr, kv_end_ptr, H, L, D, IS_VARLEN, HAS_KPM, BLOCK_M, BLOCK_D
     )
-    if tl.program_id(0) * BLOCK_M >= seqlen:
+    if tl.program_id(1) * BLOCK_M >= seqlen:
         return
     in_seq = offs_m < seqlen
     q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqm + offs_d[None, :], mask=mmask, other=0.0)
@@ -266,6 +268,16 @@ def _blocks(D: int, dtype: torch.dtype, backward: bool):
     if backward or block_d > 64 or dtype == torch.float32:
         return block_d, 64, 32
     return block_d, 64, 64
+
+
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1 (axis 0, batch * heads here, takes 2^31 - 1)
+
+
+def _grid(batch_heads: int, L: int, block: int) -> tuple[int, int]:
+    tiles = triton.cdiv(L, block)
+    if tiles > MAX_GRID_Y:
+        raise ValueError(f"sequences of {L} tokens need {tiles} tiles of {block}, more than CUDA's {MAX_GRID_Y}")
+    return batch_heads, tiles
 
 
 def _strides(x: torch.Tensor, varlen: bool):
@@ -312,7 +324,7 @@ def attention_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, 
     if B * H * L == 0:
         return out, lse.fill_(-float("inf"))
     with device_ctx(q):
-        _attn_fwd_kernel[(triton.cdiv(L, block_m), B * H)](
+        _attn_fwd_kernel[_grid(B * H, L, block_m)](
             q, k, v, out, lse, kpm, kv_end, cu,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
             slb, slh, H, L, D, scale * LOG2E, seed32, threshold, drop_scale,
@@ -342,11 +354,11 @@ def attention_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seq
     common = (H, L, D, scale * LOG2E, scale, seed32, threshold, drop_scale)
     qkv = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
     with device_ctx(q):
-        _attn_bwd_dkdv_kernel[(triton.cdiv(L, block_n), B * H)](
+        _attn_bwd_dkdv_kernel[_grid(B * H, L, block_n)](
             q, k, v, dout, lse, delta, dk, dv, kpm, kv_end, cu,
             *qkv, *_strides(dk, varlen), *_strides(dv, varlen), slb, slh, *common, **flags,
         )  # fmt: skip
-        _attn_bwd_dq_kernel[(triton.cdiv(L, block_m), B * H)](
+        _attn_bwd_dq_kernel[_grid(B * H, L, block_m)](
             q, k, v, dout, lse, delta, dq, kpm, kv_end, cu,
             *qkv, *_strides(dq, varlen), slb, slh, *common, **flags,
         )  # fmt: skip

@@ -46,6 +46,7 @@ def _distill_epilogue_kernel(
     w = 0.0
     m_1 = -float("inf")
     d_1 = 0.0
+    s_label = 0.0  # read in pass 1: pass 2 overwrites the row, and other warps may get there first
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         valid = cols < V
@@ -55,11 +56,10 @@ def _distill_epilogue_kernel(
         t = t_raw * inv_temperature
         m_s, d_s, m_t, d_t, w = kd_block(m_s, d_s, m_t, d_t, w, s, t)
         m_1, d_1, _, _ = online_lse(m_1, d_1, tl.where(has_label, s_raw, -float("inf")))
+        s_label += tl.sum(tl.where(cols == label, s_raw, 0.0), 0)
     kl, lse_s, lse_t = kd_result(m_s, d_s, m_t, d_t, w)
     lse_1 = m_1 + tl.log(d_1)
     tl.store(kl_ptr + row, tl.where(in_kl, kl, 0.0))
-    safe_label = tl.where(has_label, label, 0)
-    s_label = tl.load(s_ptr + safe_label).to(tl.float32)
     tl.store(ce_ptr + row, tl.where(has_label, lse_1 - s_label, 0.0))
     if WITH_GRAD:
         kl_c = tl.where(in_kl, tl.load(kl_coef_ptr), 0.0)
@@ -81,6 +81,11 @@ def distill_epilogue(student_logits, teacher_logits, kl_rows, labels, kl_coef, m
     s = student_logits
     if not s.is_contiguous():
         raise ValueError("student_logits must be contiguous (it is overwritten in place)")
+    for name, x in (("teacher_logits", teacher_logits), ("kl_rows", kl_rows), ("labels", labels),
+                    ("kl_coef", kl_coef), ("mlm_coef", mlm_coef)):  # fmt: skip
+        if x is not None and x.device != s.device:  # Triton's launcher would reject (or misread) the pointer
+            raise ValueError(f"{name} is on {x.device} but student_logits is on {s.device}: every tensor argument "
+                             "of the epilogue must be on the logits' device")  # fmt: skip
     t = teacher_logits.contiguous()
     N, V = s.shape
     kl = torch.empty(N, device=s.device, dtype=torch.float32)

@@ -135,3 +135,22 @@ def test_cpu_output_buffer_cache_keeps_the_newest_sizes():
     newest = sum(-(-rows * 30522 * 4 // huge) * huge for rows in rows_seen[1:])
     assert backend.NATIVE.cached_bytes() == newest
     backend.NATIVE.empty_cache()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_float64_goes_to_the_reference_on_the_cuda_slot(op):
+    """The native CUDA kernels compute in fp32 while the fakes promise fp64 outputs for fp64 inputs: the CUDA
+    slot routes any fp64 argument to the reference (decided per call; the decision itself needs no GPU)."""
+    mod = op_module(op)
+    tables = [v for k, v in vars(mod).items() if k.endswith("_IMPLS") and isinstance(v, dict)]
+    for impls in tables:
+        fp64, fp32 = torch.zeros(3, dtype=torch.float64), torch.zeros(3)
+        assert backend.cuda_impl_for_args(op, impls, (fp32, fp64, 2.0, None)) == "reference"
+        assert backend.cuda_impl_for_args(op, impls, (fp32, fp32, 2.0, None)) == backend.cuda_impl(op, impls)
+
+
+def test_the_references_keep_float64():
+    kd, cos = op_module("kd_loss"), op_module("cosine_loss")
+    s, t = torch.randn(4, 9, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
+    assert kd.FWD_IMPLS["reference"](s, t, 2.0, None, True)[0].dtype == torch.float64
+    assert cos.FWD_IMPLS["reference"](s, t, None)[0].dtype == torch.float64

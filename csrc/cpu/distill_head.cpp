@@ -120,6 +120,7 @@ std::tuple<at::Tensor, at::Tensor> distill_epilogue_cpu(const at::Tensor& studen
                                                         const std::optional<at::Tensor>& labels,
                                                         const at::Tensor& kl_coef, const at::Tensor& mlm_coef,
                                                         double temperature, bool with_grad) {
+  check_epilogue_devices(student_logits, teacher_logits, kl_rows, labels, kl_coef, mlm_coef);
   const at::Tensor lab = checked_epilogue_args(student_logits, teacher_logits, labels, temperature);
   const at::Tensor t = teacher_logits.contiguous();
   const int64_t N = student_logits.size(0), V = student_logits.size(1);

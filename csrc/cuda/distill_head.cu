@@ -98,6 +98,7 @@ std::tuple<at::Tensor, at::Tensor> distill_epilogue_cuda(const at::Tensor& stude
                                                          const std::optional<at::Tensor>& labels,
                                                          const at::Tensor& kl_coef, const at::Tensor& mlm_coef,
                                                          double temperature, bool with_grad) {
+  check_epilogue_devices(student_logits, teacher_logits, kl_rows, labels, kl_coef, mlm_coef);
   const at::Tensor lab = checked_epilogue_args(student_logits, teacher_logits, labels, temperature);
   const c10::cuda::CUDAGuard device_guard(student_logits.device());
   const at::Tensor t = teacher_logits.contiguous();

@@ -221,46 +221,100 @@ def _head_forward(*args):
         return _head_loop(*args)
 
 
-def _head_loop(sh, sw, sb, th, tw, tb, kl_mask, labels, temperature, alpha_ce, alpha_mlm, chunk_size, cd, with_grad):
-    N, V = sh.shape[0], sw.shape[0]
-    check_label_values(labels, V)
-    acc = _loss_dtype(cd)
-    device = sh.device
-    # Row sets and their sizes stay on the device: the coefficients are 0-d tensors, no host sync.
+def _row_sets(kl_mask, labels, N, V, device):
+    """(labels, has_label, n_kl, n_mlm, bad_labels) on the device. A label outside [0, V) other than -100 is a
+    clear error on CPU (checking is free there); on a GPU, where checking needs a host sync, such rows leave the
+    MLM set and `bad_labels` makes loss_mlm NaN (the trainer's NaN guard names it)."""
+    bad = None
+    if labels is not None and device.type == "cpu":
+        check_label_values(labels, V)
+    elif labels is not None:
+        wrong = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
+        bad, labels = wrong.any(), torch.where(wrong, IGNORE_INDEX, labels)
     has_label = None if labels is None else labels != IGNORE_INDEX
-    n_kl = kl_mask.sum() if kl_mask is not None else torch.tensor(N, device=device)
-    n_mlm = has_label.sum() if has_label is not None else torch.tensor(0, device=device)
+    n_kl = kl_mask.sum() if kl_mask is not None else torch.full((), N, device=device)  # no host-to-device copy
+    n_mlm = has_label.sum() if has_label is not None else torch.zeros((), dtype=torch.long, device=device)
+    return labels, has_label, n_kl, n_mlm, bad
+
+
+def _active_rows(kl_mask, has_label, N):
+    """Compact row list: the rows in either set, in order. Only a mask needs it (None = every row is a KL row,
+    and chunks are plain slices). The row count is the one host read of the call, outside the loop: it sizes
+    the chunk loop (without it every chunk of padding rows would cost its GEMMs)."""
+    if kl_mask is None:
+        return None, N
+    active = kl_mask if has_label is None else kl_mask | has_label
+    n_active = int(active.sum())
+    return torch.argsort((~active).to(torch.uint8), stable=True)[:n_active], n_active
+
+
+def _fp16_gradient_scale(kl_coef, mlm_coef):
+    """fp16 chunks store the logits' gradient (alpha T / |R|)(q - p) in fp16, where most of it would underflow
+    (|R| in the thousands, q - p ~ 1/V). The kernels get coefficients times this power of two, which brings the
+    larger one into [1, 2) (entries of at most ~2, no overflow in the GEMMs after), and the fp32 accumulators
+    divide it out exactly. A device scalar: no host sync."""
+    larger = torch.maximum(kl_coef, mlm_coef).clamp_min(2.0**-100)
+    return torch.exp2(-torch.floor(torch.log2(larger)))
+
+
+class _Grads:
+    """The gradients of student hidden states, weight and bias, accumulated chunk by chunk in fp32."""
+
+    def __init__(self, sh, sw, sb, acc, scale):
+        self.h = torch.zeros_like(sh)
+        self.w = torch.zeros(sw.shape, dtype=acc, device=sh.device)  # fp32 accumulator over chunks
+        self.b = torch.zeros(sw.shape[0], dtype=acc, device=sh.device) if sb is not None else None
+        self.acc, self.scale = acc, scale
+
+    def _unscaled(self, x):
+        x = x.to(self.acc)
+        return x if self.scale is None else x / self.scale
+
+    def add(self, zs, hs, swc, idx, start, stop):
+        """zs: d objective / d student logits of the chunk (times `scale` for fp16); hs its hidden states."""
+        gh = self._unscaled(zs @ swc).to(self.h.dtype)
+        if idx is None:
+            self.h[start:stop] = gh
+        else:
+            self.h.index_copy_(0, idx, gh)
+        if zs.dtype == self.acc:
+            self.w.addmm_(zs.t(), hs)
+        else:  # bf16/fp16 GEMM, accumulated in fp32 across chunks
+            self.w += self._unscaled(zs.t() @ hs)
+        if self.b is not None:
+            self.b += self._unscaled(zs.sum(0, dtype=self.acc))
+
+    def result(self, sw, sb):
+        grad_b = self.b.to(sb.dtype) if self.b is not None else sw.new_empty((0,))
+        return self.h, self.w.to(sw.dtype), grad_b
+
+
+def _head_loop(sh, sw, sb, th, tw, tb, kl_mask, labels, temperature, alpha_ce, alpha_mlm, chunk_size, cd, with_grad):
+    N, V, device, acc = sh.shape[0], sw.shape[0], sh.device, _loss_dtype(cd)
+    # Row sets and their sizes stay on the device: the coefficients are 0-d tensors, no host sync.
+    labels, has_label, n_kl, n_mlm, bad_labels = _row_sets(kl_mask, labels, N, V, device)
     kl_den, mlm_den = n_kl.clamp_min(1).to(acc), n_mlm.clamp_min(1).to(acc)
     kl_coef = alpha_ce * temperature / kl_den  # fp32 (fp64 for fp64 runs); the kernels read them as fp32
     mlm_coef = alpha_mlm / mlm_den
-    # Compact row list: the rows in either set, in order. Only a mask needs it (None = every row is a KL
-    # row, and chunks are plain slices). The row count is the one host read of the call, outside the loop.
-    rows, n_active = None, N
-    if kl_mask is not None:
-        active = kl_mask if has_label is None else kl_mask | has_label
-        n_active = int(active.sum())
-        rows = torch.argsort((~active).to(torch.uint8), stable=True)[:n_active]
-
+    scale = _fp16_gradient_scale(kl_coef, mlm_coef) if with_grad and cd == torch.float16 else None
+    if scale is not None:
+        kl_coef, mlm_coef = kl_coef * scale, mlm_coef * scale
+    rows, n_active = _active_rows(kl_mask, has_label, N)
     swc, twc = sw.to(cd), tw.to(cd)
     sbc = None if sb is None else sb.to(cd)
     tbc = None if tb is None else tb.to(cd)
     kl_sum = torch.zeros((), dtype=acc, device=device)
     ce_sum = torch.zeros((), dtype=acc, device=device)
-    if with_grad:
-        grad_h = torch.zeros_like(sh)
-        grad_w = torch.zeros(sw.shape, dtype=acc, device=device)  # fp32 accumulator over chunks
-        grad_b = torch.zeros(V, dtype=acc, device=device) if sb is not None else None
+    grads = _Grads(sh, sw, sb, acc, scale) if with_grad else None
     for start in range(0, n_active, chunk_size):
         stop = min(start + chunk_size, n_active)
-        if rows is None:
+        idx = None if rows is None else rows[start:stop]
+        if idx is None:
             hs, ht = sh[start:stop], th[start:stop]
-            kl_rows = None
-            lab = None if labels is None else labels[start:stop]
+            kl_rows, lab = None, None if labels is None else labels[start:stop]
         else:
-            idx = rows[start:stop]
             hs, ht = sh.index_select(0, idx), th.index_select(0, idx)
-            kl_rows = kl_mask.index_select(0, idx)
-            lab = None if labels is None else labels.index_select(0, idx)
+            kl_rows, lab = kl_mask.index_select(0, idx), None if labels is None else labels.index_select(0, idx)
         hs = hs.to(cd)
         zt = _project(ht.to(cd), twc, tbc)
         zs = _project(hs, swc, sbc)
@@ -269,26 +323,17 @@ def _head_loop(sh, sw, sb, th, tw, tb, kl_mask, labels, temperature, alpha_ce, a
         del zt
         kl_sum += kl.sum(dtype=acc)
         ce_sum += ce.sum(dtype=acc)
-        if with_grad:  # zs now holds d objective / d student logits
-            gh = (zs @ swc).to(grad_h.dtype)
-            if rows is None:
-                grad_h[start:stop] = gh
-            else:
-                grad_h.index_copy_(0, idx, gh)
-            if zs.dtype == acc:
-                grad_w.addmm_(zs.t(), hs)
-            else:  # bf16/fp16 GEMM, accumulated in fp32 across chunks
-                grad_w += (zs.t() @ hs).to(acc)
-            if grad_b is not None:
-                grad_b += zs.sum(0, dtype=acc)
+        if grads is not None:  # zs now holds d objective / d student logits
+            grads.add(zs, hs, swc, idx, start, stop)
         del zs, hs
     loss_ce = kl_sum * (temperature * temperature) / kl_den
     loss_mlm = ce_sum / mlm_den
-    if not with_grad:
+    if bad_labels is not None:
+        loss_mlm = torch.where(bad_labels, torch.nan, loss_mlm)
+    if grads is None:
         empty = sh.new_empty((0,))
         return loss_ce, loss_mlm, empty, sw.new_empty((0,)), sw.new_empty((0,))
-    grad_b = grad_b.to(sb.dtype) if grad_b is not None else sw.new_empty((0,))
-    return loss_ce, loss_mlm, grad_h, grad_w.to(sw.dtype), grad_b
+    return loss_ce, loss_mlm, *grads.result(sw, sb)
 
 
 torch.library.register_kernel("fastdistil::distill_head_fwd", ("cpu", "cuda"), _head_forward)
