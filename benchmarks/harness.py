@@ -22,6 +22,21 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# tests/run_gpu.sh's mode: only the arms that answer the GPU goals (no torch.compile arms), one size per op, and
+# every row appended to FASTDISTIL_BENCH_ROWS (JSON lines) as soon as it is measured, so a time-out loses nothing.
+QUICK = os.environ.get("FASTDISTIL_BENCH_QUICK") == "1"
+ROWS_LOG = os.environ.get("FASTDISTIL_BENCH_ROWS")
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    """A seeded generator on the benchmark device: inputs are drawn where they are used (a GPU draws N = 16384
+    rows of logits in microseconds; one CPU thread takes seconds)."""
+    return torch.Generator(DEVICE).manual_seed(seed)
+
+
+def randn(*shape, generator: torch.Generator, scale: float = 1.0, dtype=None) -> torch.Tensor:
+    x = torch.randn(*shape, generator=generator, device=DEVICE)
+    return (x * scale if scale != 1.0 else x).to(dtype or torch.float32)
 
 
 def sync() -> None:
@@ -75,14 +90,18 @@ def arms(impls: dict) -> list[str]:
     """The arms of an op's benchmark: the eager baseline, torch.compile of it, ours (the wiring's choice),
     and on CUDA ours with each CUDA implementation forced ("ours:cuda_cpp", "ours:cuda_triton")."""
     forced = [f"ours:{name}" for name in impls if name.startswith("cuda")] if DEVICE == "cuda" else []
-    return ["eager", "compiled", "ours", *forced]
+    return without_compiled(["eager", "compiled", "ours", *forced])
+
+
+def without_compiled(arms: list[str]) -> list[str]:
+    return [a for a in arms if not (QUICK and a == "compiled")]
 
 
 def padding_mask(N: int, generator: torch.Generator) -> torch.Tensor:
     """(N,) bool with ~10% of rows False, like the attention mask of a padded batch."""
-    mask = torch.ones(N, dtype=torch.bool)
-    mask[torch.randperm(N, generator=generator)[: N // 10]] = False
-    return mask.to(DEVICE)
+    mask = torch.ones(N, dtype=torch.bool, device=DEVICE)
+    mask[torch.randperm(N, generator=generator, device=DEVICE)[: N // 10]] = False
+    return mask
 
 
 def loss_step(arm: str, reference, ours, run_loss, grad_of: torch.Tensor):
@@ -215,6 +234,9 @@ def run(module, case: dict, benchmark=None) -> Row:
     if benchmark is not None:
         benchmark.extra_info.update(median_ms=row.median_ms, peak_delta_mb=row.peak_delta_bytes / 2**20, gbs=row.gbs)
     ROWS.append(row)
+    if ROWS_LOG:
+        with open(ROWS_LOG, "a") as f:
+            f.write(json.dumps(asdict(row) | {"gbs": row.gbs}) + "\n")
     return row
 
 

@@ -261,13 +261,54 @@ def _attn_bwd_dq_kernel(
 # takes each sequence's first row from cu_seqlens.
 
 
-def _blocks(D: int, dtype: torch.dtype, backward: bool):
-    """Tile sizes: 64 x 64 for D <= 64; smaller key tiles for D = 128 and in the backward, which holds more
-    tiles live. Also what keeps the interpreter's small test shapes cheap."""
-    block_d = max(16, triton.next_power_of_2(D))
-    if backward or block_d > 64 or dtype == torch.float32:
-        return block_d, 64, 32
-    return block_d, 64, 64
+# (BLOCK_M, BLOCK_N, num_warps) per kernel, dtype class and head-size class (BLOCK_D), chosen with the sm_90
+# compile gate (tests/test_sm90_compile.py; `python -m tests.sm90` prints the table): the largest tiles found that
+# fit sm_90's shared memory and compile without register spills. fp32 runs on FMA (IEEE dots, no TF32) with fp32
+# tiles, hence smaller ones; its backward with head size > 128 has none that fits (refused: see supported()).
+TILES = {
+    "fwd": {
+        "half": {16: (64, 64, 4), 32: (64, 64, 4), 64: (64, 64, 4), 128: (64, 32, 8), 256: (32, 32, 8)},
+        "fp32": {16: (128, 64, 8), 32: (64, 64, 8), 64: (64, 32, 8), 128: (32, 16, 8), 256: (32, 16, 8)},
+    },
+    "bwd_dkdv": {
+        "half": {16: (64, 32, 4), 32: (64, 32, 4), 64: (64, 32, 4), 128: (32, 64, 8), 256: (32, 16, 8)},
+        "fp32": {16: (64, 64, 8), 32: (64, 32, 8), 64: (32, 32, 8), 128: (32, 32, 8)},
+    },
+    "bwd_dq": {
+        "half": {16: (64, 32, 4), 32: (64, 32, 4), 64: (64, 32, 4), 128: (64, 32, 8), 256: (32, 16, 8)},
+        "fp32": {16: (64, 32, 8), 32: (64, 32, 8), 64: (32, 32, 8), 128: (64, 32, 8)},
+    },
+}
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+
+
+def block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "half"
+
+
+def supported(D: int, dtype: torch.dtype, backward: bool = True) -> bool:
+    """Whether the kernels have tiles for head size D in dtype (the backward's too when `backward`)."""
+    kernels = KERNELS if backward else KERNELS[:1]
+    return all(block_d(D) in TILES[k][_dtype_class(dtype)] for k in kernels)
+
+
+def unsupported_reason(D: int, dtype: torch.dtype) -> str:
+    return (f"the Triton attention kernels have no tiles for head size {D} in {dtype} with a backward: its tiles do "
+            "not fit sm_90's 227 KB of shared memory without register spills; run attention in bf16 / fp16 "
+            "(autocast) or with head size <= 128")  # fmt: skip
+
+
+def launch_config(kernel: str, D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_D, BLOCK_M, BLOCK_N, num_warps) of one kernel for head size D in dtype."""
+    bd = block_d(D)
+    tiles = TILES[kernel][_dtype_class(dtype)]
+    if bd not in tiles:
+        raise ValueError(unsupported_reason(D, dtype))
+    return (bd, *tiles[bd])
 
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1 (axis 0, batch * heads here, takes 2^31 - 1)
@@ -320,16 +361,16 @@ def attention_fwd(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, dropout_p, 
     lse = torch.empty((H, q.shape[0]) if varlen else (B, H, L), device=q.device, dtype=torch.float32)
     slb, slh = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     seed32, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    block_d, block_m, block_n = _blocks(D, q.dtype, backward=False)
     if B * H * L == 0:
         return out, lse.fill_(-float("inf"))
+    block_d, block_m, block_n, warps = launch_config("fwd", D, q.dtype)
     with device_ctx(q):
         _attn_fwd_kernel[_grid(B * H, L, block_m)](
             q, k, v, out, lse, kpm, kv_end, cu,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
             slb, slh, H, L, D, scale * LOG2E, seed32, threshold, drop_scale,
             HAS_KPM=key_padding_mask is not None, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0,
-            BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_precision(q.dtype),
+            BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_precision(q.dtype), num_warps=warps,
         )  # fmt: skip
     return out, lse
 
@@ -346,20 +387,22 @@ def attention_bwd(dout, q, k, v, out, lse, key_padding_mask, cu_seqlens, max_seq
     if B * H * L == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     seed32, threshold, drop_scale = _dropout_args(dropout_p, seed)
-    block_d, block_m, block_n = _blocks(D, q.dtype, backward=True)
-    flags = dict(
-        HAS_KPM=key_padding_mask is not None, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0,
-        BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_precision(q.dtype),
-    )  # fmt: skip
+    flags = dict(HAS_KPM=key_padding_mask is not None, IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0,
+                 DOT_PRECISION=_precision(q.dtype))  # fmt: skip
     common = (H, L, D, scale * LOG2E, scale, seed32, threshold, drop_scale)
     qkv = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen))
+    block_d, block_m, block_n, warps = launch_config("bwd_dkdv", D, q.dtype)
+    tiles = dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     with device_ctx(q):
         _attn_bwd_dkdv_kernel[_grid(B * H, L, block_n)](
             q, k, v, dout, lse, delta, dk, dv, kpm, kv_end, cu,
-            *qkv, *_strides(dk, varlen), *_strides(dv, varlen), slb, slh, *common, **flags,
+            *qkv, *_strides(dk, varlen), *_strides(dv, varlen), slb, slh, *common, **flags, **tiles,
         )  # fmt: skip
+    block_d, block_m, block_n, warps = launch_config("bwd_dq", D, q.dtype)
+    tiles = dict(BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    with device_ctx(q):
         _attn_bwd_dq_kernel[_grid(B * H, L, block_m)](
             q, k, v, dout, lse, delta, dq, kpm, kv_end, cu,
-            *qkv, *_strides(dq, varlen), slb, slh, *common, **flags,
+            *qkv, *_strides(dq, varlen), slb, slh, *common, **flags, **tiles,
         )  # fmt: skip
     return dq, dk, dv

@@ -76,6 +76,10 @@ def _distill_epilogue_kernel(
             tl.store(s_ptr + cols, g.to(s_ptr.dtype.element_ty), mask=valid)
 
 
+def block_v(V: int) -> int:
+    return min(triton.next_power_of_2(V), 4096)
+
+
 def distill_epilogue(student_logits, teacher_logits, kl_rows, labels, kl_coef, mlm_coef, temperature, with_grad):
     """Same contract as fastdistil::distill_epilogue (see distill_epilogue_ref)."""
     s = student_logits
@@ -92,7 +96,7 @@ def distill_epilogue(student_logits, teacher_logits, kl_rows, labels, kl_coef, m
     ce = torch.empty(N, device=s.device, dtype=torch.float32)
     rows, has_rows = mask_arg(kl_rows, s)
     has_labels = labels is not None
-    BLOCK_V = min(triton.next_power_of_2(V), 4096)
+    BLOCK_V = block_v(V)
     if N > 0:
         with device_ctx(s):
             _distill_epilogue_kernel[(N,)](

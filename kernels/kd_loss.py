@@ -69,6 +69,14 @@ def _kd_loss_bwd_kernel(grad_loss_ptr, grad_ptr, stride_row, V, BLOCK_V: tl.cons
     tl.store(ptrs, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
+def fwd_block(V: int) -> int:
+    return min(triton.next_power_of_2(V), 4096)  # 4096 fp32 lanes per step keeps registers in check
+
+
+def bwd_block(V: int) -> int:
+    return min(triton.next_power_of_2(V), 2048)
+
+
 def kd_loss_fwd(student_logits, teacher_logits, temperature, row_mask=None, with_grad=False):
     """(N, V), (N, V), float, (N,) bool or None, bool -> loss (N,) float32, grad (N, V) like s or (0,)."""
     s, t = student_logits.contiguous(), teacher_logits.contiguous()
@@ -76,7 +84,7 @@ def kd_loss_fwd(student_logits, teacher_logits, temperature, row_mask=None, with
     loss = torch.empty(N, device=s.device, dtype=torch.float32)
     grad = torch.empty_like(s) if with_grad else s.new_empty((0,))
     mask, has_mask = mask_arg(row_mask, s)
-    BLOCK_V = min(triton.next_power_of_2(V), 4096)  # 4096 fp32 lanes per step keeps registers in check
+    BLOCK_V = fwd_block(V)
     if N > 0:
         with device_ctx(s):
             _kd_loss_fwd_kernel[(N,)](
@@ -98,7 +106,7 @@ def kd_loss_fwd(student_logits, teacher_logits, temperature, row_mask=None, with
 def kd_loss_bwd(grad_loss, grad_logits):
     """grad_logits[i, :] *= grad_loss[i], in place."""
     N, V = grad_logits.shape
-    BLOCK_V = min(triton.next_power_of_2(V), 2048)
+    BLOCK_V = bwd_block(V)
     if N > 0:
         with device_ctx(grad_logits):
             _kd_loss_bwd_kernel[(N, triton.cdiv(V, BLOCK_V))](

@@ -154,3 +154,11 @@ def test_the_references_keep_float64():
     s, t = torch.randn(4, 9, dtype=torch.float64), torch.randn(4, 9, dtype=torch.float64)
     assert kd.FWD_IMPLS["reference"](s, t, 2.0, None, True)[0].dtype == torch.float64
     assert cos.FWD_IMPLS["reference"](s, t, None)[0].dtype == torch.float64
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the script would run")
+def test_gpu_script_refuses_a_machine_without_a_gpu_at_once(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["bash", os.path.join(root, "tests", "run_gpu.sh"), str(tmp_path)], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHON": sys.executable})  # fmt: skip
+    assert r.returncode == 2 and "no CUDA device is visible" in r.stderr, (r.returncode, r.stderr)

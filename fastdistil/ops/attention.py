@@ -306,6 +306,18 @@ def _check_dropout_scale_seed(dropout_p, scale, seed, D: int) -> tuple[float, fl
     return float(dropout_p), float(scale), int(seed)
 
 
+def _check_triton_tiles(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """On CUDA, a head size and dtype the Triton kernels have no sm_90 tiles for (fp32 with D > 128 and a
+    backward) is refused here, with the reason, rather than failing at the first backward launch."""
+    if triton_attention is None or not q.is_cuda or q.dtype == torch.float64:
+        return
+    if backend.cuda_impl("attention", FWD_IMPLS) != "cuda_triton":
+        return
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if not triton_attention.supported(q.shape[-1], q.dtype, backward=needs_grad):
+        raise ValueError(triton_attention.unsupported_reason(q.shape[-1], q.dtype))
+
+
 def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()  # the kernels read rows of D contiguous elements
 
@@ -342,6 +354,7 @@ def attention(
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask must be on {q.device} like q, got {key_padding_mask.device}")
     dropout_p, scale, seed = _check_dropout_scale_seed(dropout_p, scale, seed, D)
+    _check_triton_tiles(q, k, v)
     out, _ = torch.ops.fastdistil.attention_fwd(
         _unit_stride(q), _unit_stride(k), _unit_stride(v), key_padding_mask, None, 0, dropout_p, scale, seed
     )
@@ -380,6 +393,7 @@ def attention_varlen(
         if lengths.numel() and lengths.max() > max_seqlen:
             raise ValueError(f"max_seqlen = {max_seqlen} is shorter than a sequence ({int(lengths.max())} tokens)")
     dropout_p, scale, seed = _check_dropout_scale_seed(dropout_p, scale, seed, q.shape[-1])
+    _check_triton_tiles(q, k, v)
     out, _ = torch.ops.fastdistil.attention_fwd(
         _unit_stride(q), _unit_stride(k), _unit_stride(v), None, cu_seqlens, int(max_seqlen), dropout_p, scale, seed
     )

@@ -510,7 +510,9 @@ def fused_distill_head(
     teacher_hidden: (..., H_t) with the same leading shape, teacher_weight: (V, H_t), teacher_bias: (V,) or None;
         constants (H_t may differ from H_s: each side has its own projection).
     kl_mask:     bool (...), the rows of loss_ce (e.g. the attention mask); None = every row.
-    mlm_labels:  integer (...), the label of each row for loss_mlm, -100 = none; None = no MLM loss (0).
+    mlm_labels:  integer (...), the label of each row for loss_mlm, -100 = none; None = no MLM loss (0). A label
+                 outside [0, V) is a ValueError on CPU; on a GPU (where checking would need a host sync) it
+                 makes loss_mlm NaN.
     alpha_ce, alpha_mlm: the weights the caller gives the two losses. The gradient is computed in the forward
         for alpha_ce * loss_ce + alpha_mlm * loss_mlm; backpropagate that sum (times any factor).
     chunk_size:  rows per chunk; None chooses it from a memory budget (see choose_chunk_size).
