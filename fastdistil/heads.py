@@ -78,6 +78,7 @@ class MLMDistiller(nn.Module):
         alpha_mlm: float = 2.0,
         restrict_ce_to_mask: bool = False,
         chunk_size: int | None = None,
+        with_cos: bool = True,
     ):
         super().__init__()
         self.student = student
@@ -87,6 +88,7 @@ class MLMDistiller(nn.Module):
             p.requires_grad_(False)
         self.head = DistillHead(temperature, alpha_ce, alpha_mlm, chunk_size)
         self.restrict_ce_to_mask = restrict_ce_to_mask
+        self.with_cos = with_cos  # False: loss_cos is 0 (e.g. a student of another width, where it is undefined)
 
     @property
     def teacher(self) -> nn.Module:
@@ -110,5 +112,8 @@ class MLMDistiller(nn.Module):
         loss_ce, loss_mlm = self.head(
             s_pre, self.student_parts.projection, t_pre, self.teacher_parts.projection, kl_mask, mlm_labels
         )
-        loss_cos = cosine_loss(s_hidden, t_hidden, rows)
+        if self.with_cos:
+            loss_cos = cosine_loss(s_hidden, t_hidden, rows)
+        else:
+            loss_cos = s_hidden.new_zeros((), dtype=torch.float32)
         return DistillOutput(loss_ce, loss_mlm, loss_cos, s_hidden, t_hidden)

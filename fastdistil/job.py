@@ -254,7 +254,8 @@ def evaluation(p: Prepared, eval_idx):
         kw = dict(device=c.device, teacher_mlm=mlm, autocast=lambda: autocast(c.precision, c.device))
         s = heldout.compare(p.student, p.teacher.model, batches, model_mlm=mlm, **kw)
         p.student.train(was_training)
-        res = {"embedding_cosine": s["embedding_cosine"], "token_cosine": s["token_cosine"],
+        # cosines only exist between models of one width (None for a narrower student)
+        res = {"embedding_cosine": s.get("embedding_cosine"), "token_cosine": s.get("token_cosine"),
                "eval_sequences": len(eval_idx)}  # fmt: skip
         if mlm:
             t = heldout.compare(p.teacher.model, p.teacher.model, batches, model_mlm=True, **kw)
@@ -409,6 +410,10 @@ def rescue(p: Prepared, error: Exception) -> UsageError:
     return UsageError(f"{error}; the trained student was saved to {place} instead")
 
 
+def _cell(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def summary_table(s: dict, mlm: bool) -> str:
     rows = [("held-out embedding cosine to teacher", "embedding_cosine"), ("held-out token cosine to teacher",
             "token_cosine")]  # fmt: skip
@@ -416,7 +421,7 @@ def summary_table(s: dict, mlm: bool) -> str:
         rows += [("student MLM loss", "student_mlm_loss"), ("student MLM top-1 accuracy", "student_mlm_acc"),
                  ("student-teacher KL (T=1, masked tokens)", "student_teacher_kl")]  # fmt: skip
     lines = ["| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {label} | {s['before'][k]:.4f} | {s['after'][k]:.4f} |" for label, k in rows]
+    lines += [f"| {label} | {_cell(s['before'][k])} | {_cell(s['after'][k])} |" for label, k in rows]
     if mlm:
         lines += [f"| teacher MLM loss | {s['after']['teacher_mlm_loss']:.4f} | |",
                   f"| teacher MLM top-1 accuracy | {s['after']['teacher_mlm_acc']:.4f} | |"]  # fmt: skip

@@ -219,3 +219,18 @@ def test_reference_kernels_are_a_property_of_the_ops():
     with pytest.raises(ValueError, match="kernels must be one of"):
         with use_kernels("fast"):
             pass
+
+
+def test_a_narrower_student_trains_on_the_vocabulary_losses_alone(tmp_path):
+    """A student of another width (here 16 against the teacher's 32) learns from loss_ce and loss_mlm; the
+    held-out cosines, undefined across widths, are reported as n/a rather than crashing the evaluation."""
+    teacher = _teacher(tmp_path, mlm=True)
+    narrow = tmp_path / "narrow.json"
+    sizes = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    config = transformers.BertConfig(vocab_size=len(_tokenizer(tmp_path)), max_position_embeddings=64, **sizes)
+    config.to_json_file(narrow)
+    args = _args(tmp_path, teacher, "narrow", "--max_steps", "4", "--student_config", str(narrow), "--alpha_cos", "0")
+    r = fd_train.train(fd_train.resolve_config(args))
+    assert r.exit_code == 0 and r.summary["after"]["embedding_cosine"] is None
+    assert r.summary["after"]["student_teacher_kl"] > 0
+    assert "| held-out embedding cosine to teacher | n/a | n/a |" in (tmp_path / "narrow" / "summary.md").read_text()

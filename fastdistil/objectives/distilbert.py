@@ -35,6 +35,7 @@ class DistilBERTObjective(Objective):
             alpha_ce=alpha_ce,
             alpha_mlm=alpha_mlm,
             restrict_ce_to_mask=restrict_ce_to_mask,
+            with_cos=alpha_cos > 0,
         )
 
     def terms(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
