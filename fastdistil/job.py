@@ -277,10 +277,13 @@ def run(c, teacher: fd_models.Teacher | None = None, texts=None) -> RunResult:
     try:
         with use_kernels(c.kernels):
             return _run(c, world, teacher, texts, signals)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a signal outside the training loop, or a second one inside it
         if world.is_main:
-            name = signals.received or "interrupted"
-            print(f"\n{name} before the first training step: nothing of this run was kept", file=sys.stderr)
+            name, out = signals.received or "interrupted", Path(c.dump_path)
+            if (out / RUN_MARKER).is_file():
+                print(f"\n{name}: stopped at once; {out} keeps its checkpoints (--resume continues)", file=sys.stderr)
+            else:
+                print(f"\n{name} before the first training step: nothing of this run was kept", file=sys.stderr)
         return RunResult(130, None, None)
     finally:
         signals.restore()

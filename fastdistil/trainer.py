@@ -174,7 +174,8 @@ class Trainer:
         if not stop_reason:
             return FitResult(None, None, wall)
         self.optimizer.zero_grad(set_to_none=True)  # a partly accumulated step is dropped and redone on --resume
-        path = self.checkpoint({"interrupted": True})
+        with self.signals.deferred() if self.signals else contextlib.nullcontext():  # a second signal: stop now
+            path = self.checkpoint({"interrupted": True})
         if self.world.is_main:
             print(f"\n{stop_reason} at step {self.step}: checkpoint saved to {path} (continue with --resume)",
                   file=sys.stderr)  # fmt: skip
