@@ -73,12 +73,12 @@ class _Sums:
 
 
 @torch.no_grad()
-def compare(model, teacher, batches, device, *, model_mlm: bool, teacher_mlm: bool, autocast=None) -> dict:
+def compare(model, teacher, batches, device, *, model_mlm: bool, teacher_mlm: bool, autocast=None, cosines=True):
     """Held-out metrics of `model` against `teacher` (see the module docstring); `autocast` is a context
-    manager factory for the forward passes (the trainer's precision)."""
+    manager factory for the forward passes (the trainer's precision); cosines=False: the MLM metrics only."""
     autocast = autocast or contextlib.nullcontext
     kl = model_mlm and teacher_mlm and model is not teacher
-    same_width = hidden_size(model) == hidden_size(teacher)
+    same_width = cosines and hidden_size(model) == hidden_size(teacher)
     s = _Sums()
     for b in batches:
         ids, mask = b.input_ids.to(device), b.attention_mask.to(device)
