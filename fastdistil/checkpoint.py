@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdistil.errors import UsageError
+from fastdistil.errors import UsageError, first_line
 from fastdistil.fileio import atomic_directory
 from fastdistil.models import tied_keys
 
@@ -89,7 +89,7 @@ class Loaded:
 
 
 def _unreadable(f: Path, e: Exception) -> CheckpointError:
-    return CheckpointError(f"{f} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+    return CheckpointError(f"{f} is unreadable ({type(e).__name__}: {first_line(e, 160)})")
 
 
 def load_state(path: Path) -> dict:

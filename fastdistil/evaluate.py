@@ -27,7 +27,6 @@ import io
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ from fastdistil import data as fd_data
 from fastdistil import heldout
 from fastdistil import models as fd_models
 from fastdistil.artifacts import Model, load_model  # noqa: F401  (load_model: the CLI's loader)
+from fastdistil.config import device_name
 from fastdistil.errors import EXIT_USAGE, UsageError
 from fastdistil.fileio import atomic_write, check_destination
 from fastdistil.models import encoder
@@ -589,8 +589,9 @@ def check_common(c) -> None:
         raise EvalError("--max_seq_len and --seq_len must be at most 512 (BERT's positions)")
     if not (math.isfinite(c.finetune_lr) and c.finetune_lr > 0):
         raise EvalError(f"--finetune_lr must be a finite number > 0, got {c.finetune_lr}")
-    if c.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", c.device):
-        raise EvalError(f"--device must be cpu, cuda or cuda:N, got {c.device!r}")
+    problem = device_name(c.device)  # the trainer's check of --device
+    if problem:
+        raise EvalError(f"--device {problem}, got {c.device!r}")
     if c.device is not None and c.device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"--device {c.device}: no CUDA device here")
 

@@ -89,11 +89,16 @@ def _is_disk_full(e: OSError) -> bool:
     return e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def disk_full(path: Path, needed_bytes: int | None, e: OSError) -> DiskFullError:
-    parent = Path(path).parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    free = shutil.disk_usage(parent).free
+    free = shutil.disk_usage(_nearest_existing(Path(path).parent)).free
     need = f"about {_size(needed_bytes)} needed, " if needed_bytes else ""
     return DiskFullError(f"cannot write {path}: no space left on device ({need}{_size(free)} free there)")
 
@@ -109,9 +114,7 @@ def tree_bytes(path: Path) -> int:
 def check_writable_parent(path: Path, flag: str) -> None:
     """The nearest existing ancestor of `path` is a directory this process can write into."""
     path = Path(path)
-    parent = path if path.exists() else path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
+    parent = _nearest_existing(path)
     if not parent.is_dir():
         raise UsageError(f"{flag} {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -23,7 +23,7 @@ from fastdistil import distributed as fd_dist
 from fastdistil import heldout, objectives
 from fastdistil import models as fd_models
 from fastdistil import patch as fd_patch
-from fastdistil.errors import UsageError
+from fastdistil.errors import UsageError, first_line
 from fastdistil.fileio import DiskFullError, atomic_write, check_writable_parent
 from fastdistil.ops import use_kernels
 from fastdistil.signals import StopOnSignal
@@ -184,7 +184,7 @@ def probe(c, objective: objectives.Objective, tokenizer, sample: list, device: t
                 losses = objective.combine(objective.terms(ids.to(device), batch.attention_mask.to(device), labels))
             losses.total.backward()
         except (RuntimeError, ValueError, TypeError) as e:
-            raise UsageError(f"the first batch fails in the teacher, student or objective: {_first_line(e)}") from e
+            raise UsageError(f"the first batch fails in the teacher, student or objective: {first_line(e, 300)}") from e
         finally:
             objective.student.zero_grad(set_to_none=True)
     bad = [k for k, v in losses.terms.items() if not torch.isfinite(v)]
@@ -193,11 +193,6 @@ def probe(c, objective: objectives.Objective, tokenizer, sample: list, device: t
             f"the first batch gives a non-finite {', '.join(bad)}: the teacher's outputs overflow or hold NaN "
             f"(try --teacher_dtype fp32)"
         )
-
-
-def _first_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 # ---------------------------------------------------------------------------------------------------------

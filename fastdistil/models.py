@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastdistil.errors import UsageError
+from fastdistil.errors import UsageError, first_line
 from fastdistil.fileio import atomic_directory
 
 BUILTIN_TEACHER = "builtin:all-MiniLM-L6-v2"
@@ -62,7 +62,7 @@ def load_teacher(name_or_path: str) -> Teacher:
     try:
         config = transformers.AutoConfig.from_pretrained(path)
     except Exception as e:
-        raise ModelError(f"--teacher {name_or_path}: cannot read its config ({_first_line(e)})") from e
+        raise ModelError(f"--teacher {name_or_path}: cannot read its config ({first_line(e)})") from e
     check_family(config, f"--teacher {name_or_path}")
     if local and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         raise ModelError(
@@ -71,13 +71,13 @@ def load_teacher(name_or_path: str) -> Teacher:
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, use_fast=True)
     except Exception as e:
-        raise ModelError(f"--teacher {name_or_path}: no usable tokenizer saved with it ({_first_line(e)})") from e
+        raise ModelError(f"--teacher {name_or_path}: no usable tokenizer saved with it ({first_line(e)})") from e
     if not getattr(tokenizer, "is_fast", False):
         raise ModelError(f"--teacher {name_or_path}: its tokenizer is not a fast tokenizer")
     try:
         keys = _checkpoint_keys(path) if local else None
     except Exception as e:  # a truncated or damaged weights file: its header does not read
-        raise ModelError(f"--teacher {name_or_path}: cannot read its weights ({_first_line(e)})") from e
+        raise ModelError(f"--teacher {name_or_path}: cannot read its weights ({first_line(e)})") from e
     try:
         with quiet(transformers):
             if keys is not None:  # decide from the weights the checkpoint holds, without a trial load
@@ -93,7 +93,7 @@ def load_teacher(name_or_path: str) -> Teacher:
                 if not has_head:
                     model = transformers.AutoModel.from_pretrained(path)
     except Exception as e:
-        raise ModelError(f"--teacher {name_or_path}: cannot load its weights ({_first_line(e)})") from e
+        raise ModelError(f"--teacher {name_or_path}: cannot load its weights ({first_line(e)})") from e
     return Teacher(freeze(model), tokenizer, has_head, name_or_path)
 
 
@@ -153,11 +153,6 @@ def _checkpoint_keys(path: str) -> set[str] | None:
 
 def _is_mlm_head_key(key: str) -> bool:
     return key.startswith(("cls.predictions", "vocab_projector", "vocab_transform", "vocab_layer_norm", "lm_head"))
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
 
 
 def _layer_count_attr(config) -> str | None:
@@ -243,13 +238,13 @@ def student_from_config(config_path: str, teacher: Teacher) -> nn.Module:
     try:
         config = transformers.AutoConfig.from_pretrained(config_path)
     except Exception as e:
-        raise ModelError(f"--student_config {config_path}: cannot read it ({_first_line(e)})") from e
+        raise ModelError(f"--student_config {config_path}: cannot read it ({first_line(e)})") from e
     check_family(config, f"--student_config {config_path}")
     auto = transformers.AutoModelForMaskedLM if teacher.has_mlm_head else transformers.AutoModel
     try:
         return auto.from_config(config).train()
     except Exception as e:
-        raise ModelError(f"--student_config {config_path}: cannot build a model from it ({_first_line(e)})") from e
+        raise ModelError(f"--student_config {config_path}: cannot build a model from it ({first_line(e)})") from e
 
 
 def student_pretrained(path: str, teacher: Teacher) -> nn.Module:
@@ -263,7 +258,7 @@ def student_pretrained(path: str, teacher: Teacher) -> nn.Module:
             warnings.simplefilter("ignore")
             model = auto.from_pretrained(path)
     except Exception as e:
-        raise ModelError(f"--student_pretrained {path}: cannot load it ({_first_line(e)})") from e
+        raise ModelError(f"--student_pretrained {path}: cannot load it ({first_line(e)})") from e
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
     except Exception:
