@@ -22,8 +22,10 @@ from fastdistil.data import BUILTIN_CORPUS
 from fastdistil.errors import UsageError
 from fastdistil.models import BUILTIN_TEACHER
 from fastdistil.ops._common import MAX_TEMPERATURE
+from fastdistil.tasks import TASKS, task_of_checkpoint
 
 BUILTIN_MAX_STEPS = 150  # the no-argument job: about six minutes on two CPU cores
+TASK_LEARNING_RATE = 1e-4  # --task: the students start from a fine-tuned teacher's layers and head
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -153,7 +155,8 @@ def _options() -> list[Option]:
           f"{BUILTIN_MAX_STEPS} on built-in data)", optim, positive, optional=True),
         O("batch_size", int, 32, "sequences per forward pass (default 32)", optim, positive),
         O("gradient_accumulation_steps", int, 1, "forward passes per optimizer step (default 1)", optim, positive),
-        O("learning_rate", float, 5e-4, "peak AdamW learning rate (default 5e-4)", optim, finite_non_negative),
+        O("learning_rate", float, 5e-4, "peak AdamW learning rate (default 5e-4; 1e-4 with --task)", optim,
+          finite_non_negative),
         O("warmup_prop", float, 0.05, "linear warm-up share of the steps (default 0.05)", optim, in_range(0, 1)),
         O("weight_decay", float, 0.0, "AdamW weight decay (default 0.0)", optim, finite_non_negative),
         O("adam_epsilon", float, 1e-6, "AdamW epsilon (default 1e-6)", optim, finite_positive),
@@ -166,7 +169,35 @@ def _options() -> list[Option]:
     ]  # fmt: skip
 
 
-OPTIONS: dict[str, Option] = {o.name: o for o in _options()}
+def _task_options() -> list[Option]:
+    O, task = Option, "task-specific distillation (--task)"  # noqa: E741, N806
+    return [
+        O("task", str, None, "distil a fine-tuned teacher for this task (default: task-agnostic distillation); "
+          "with no --data, sequence-classification runs the built-in job", task, choices=TASKS, optional=True),
+        O("text_column", str, "text", "classification: column of the text (default text)", task),
+        O("text_pair_column", str, None, "classification: column of the second text of a pair", task,
+          optional=True),
+        O("label_column", str, None, "column of the labels (default: label; NER: tags)", task, optional=True),
+        O("unlabelled", str, None, "unlabelled in-domain examples (the --data format without labels; plain text "
+          "for classification and NER): the teacher's soft targets train the student on them", task, optional=True),
+        O("test_data", str, None, "the labelled test set (default: --test_fraction of --data held out)", task,
+          optional=True),
+        O("test_fraction", float, 0.1, "share of --data held out for testing without --test_data (default 0.1)",
+          task, in_range(0, 1, lo_open=True, hi_open=True)),
+        O("doc_stride", int, 32, "QA: tokens shared by consecutive windows of a long context (default 32)", task,
+          positive),
+        O("alpha_kd", float, None, "weight of the KL on the task logits (default 1.0)", task, finite_non_negative,
+          optional=True),
+        O("alpha_label", float, None, "weight of the hard-label cross-entropy (default 1.0)", task,
+          finite_non_negative, optional=True),
+        O("finetune_epochs", int, 3, "epochs of fine-tuning the built-in teacher on the labelled set (default 3)",
+          task, positive),
+        O("skip_label_only", bool, False, "do not train the label-only baseline (the same student on the labels "
+          "alone, same data and steps)", task),
+    ]  # fmt: skip
+
+
+OPTIONS: dict[str, Option] = {o.name: o for o in _options() + _task_options()}
 DEFAULTS: dict[str, Any] = {name: o.default for name, o in OPTIONS.items()}
 
 TrainConfig = dataclasses.make_dataclass(
@@ -252,9 +283,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def build_parser(description: str = "") -> argparse.ArgumentParser:
+def build_parser(description: str = "", prog: str = "python -m fastdistil.train") -> argparse.ArgumentParser:
     p = _Parser(
-        prog="python -m fastdistil.train",
+        prog=prog,
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS,  # only what the user typed overrides --config and the defaults
@@ -293,13 +324,14 @@ def _cli_type(o: Option):
 # Resolution
 
 
-def resolve(overrides: dict | None = None, argv: list[str] | None = None, description: str = ""):
+def resolve(overrides: dict | None = None, argv: list[str] | None = None, description: str = "",
+            prog: str = "python -m fastdistil.train"):
     """The checked, frozen TrainConfig of: the defaults, then a --config file, then `overrides` (the Python API)
     or the command line `argv`. Values derived from the machine (device, cache, processes) and the built-in
     job's step count are filled in here; those that depend on the teacher are filled in by the job."""
     given = dict(overrides or {})
     if argv is not None:
-        given.update(vars(build_parser(description).parse_args(argv)))
+        given.update(vars(build_parser(description, prog).parse_args(argv)))
     source = "command line" if argv is not None else "options"
     given = {k: coerce(k, v, source) for k, v in given.items()}
     from_file = read_config_file(given["config"]) if given.get("config") else {}
@@ -315,7 +347,12 @@ def _machine_defaults(v: dict, explicit: set) -> dict:
     import torch
 
     out = {}
-    if v["data"] == BUILTIN_CORPUS and v["max_steps"] is None and "n_epoch" not in explicit:
+    if v["task"] is None and "task" not in explicit:  # a fine-tuned teacher says its task
+        v = {**v, "task": task_of_checkpoint(v["teacher"])}
+        out["task"] = v["task"]
+    if v["task"] is not None and "learning_rate" not in explicit:
+        out["learning_rate"] = TASK_LEARNING_RATE
+    if v["task"] is None and v["data"] == BUILTIN_CORPUS and v["max_steps"] is None and "n_epoch" not in explicit:
         out["max_steps"] = BUILTIN_MAX_STEPS  # the embedded default job: sized to finish in minutes (0.6 epoch)
     if v["device"] is None:
         out["device"] = "cuda" if torch.cuda.is_available() else "cpu"

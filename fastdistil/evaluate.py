@@ -17,6 +17,16 @@ For the teacher and every student, side by side:
 - retention: a student's score as a percentage of the teacher's; speed-up and size against the teacher.
 It prints the table and writes report.json, report.md and (with several students) retention.png to --out.
 Models may be transformers checkpoints or the directories fastdistil.compress writes.
+
+Task models (fastdistil.train --task) instead, on a labelled test set in train's formats:
+
+    python -m fastdistil.evaluate --task sequence-classification --teacher run/teacher --students run/student \
+        --test_data test.csv
+
+teacher, every student and the label-only baseline (--label_only, or <run>/label-only-student beside
+<run>/student) side by side: accuracy and macro precision / recall / F1 (classification), entity-level
+precision / recall / F1 with seqeval's IOB2 conventions (NER), exact match and token F1 with SQuAD's answer
+normalisation (QA); retention against the teacher, parameters, size, examples/s and speed-up.
 """
 
 from __future__ import annotations
@@ -46,6 +56,9 @@ from fastdistil.errors import EXIT_USAGE, UsageError
 from fastdistil.fileio import atomic_write, check_destination
 from fastdistil.models import encoder
 from fastdistil.padding import mean_pool
+from fastdistil.tasks import TASKS
+from fastdistil.tasks import evaluation as task_evaluation
+from fastdistil.tasks.metrics import classification_metrics
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -262,31 +275,6 @@ def make_labelled(texts, raw_labels, what: str, test_fraction: float, seed: int)
     if not test:
         raise EvalError(f"{what}: too few examples to hold any out for testing")
     return Labelled(list(texts), labels, classes, np.sort(train), np.sort(test))
-
-
-def classification_metrics(y_true, y_pred) -> dict:
-    """Accuracy and macro precision / recall / F1 over the classes present in y_true or y_pred (a class never
-    predicted has precision 0, as scikit-learn's zero_division=0)."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    if y_true.size == 0:
-        raise EvalError("no examples to score")
-    classes = np.union1d(y_true, y_pred)
-    p, r, f = [], [], []
-    for k in classes:
-        tp = np.sum((y_pred == k) & (y_true == k))
-        fp = np.sum((y_pred == k) & (y_true != k))
-        fn = np.sum((y_pred != k) & (y_true == k))
-        prec = tp / (tp + fp) if tp + fp else 0.0
-        rec = tp / (tp + fn) if tp + fn else 0.0
-        p.append(prec)
-        r.append(rec)
-        f.append(2 * prec * rec / (prec + rec) if prec + rec else 0.0)
-    return {
-        "accuracy": float(np.mean(y_true == y_pred)),
-        "precision_macro": float(np.mean(p)),
-        "recall_macro": float(np.mean(r)),
-        "f1_macro": float(np.mean(f)),
-    }
 
 
 def _encode(tokenizer, texts, max_len):
@@ -553,6 +541,14 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune_epochs", type=int, default=3, help="(default %(default)s)")
     g.add_argument("--finetune_lr", type=float, default=5e-5, help="(default %(default)s)")
     g.add_argument("--finetune_batch_size", type=int, default=16, help="(default %(default)s)")
+    g = p.add_argument_group("task models (--task)")
+    g.add_argument("--task", choices=TASKS, help="compare fine-tuned task models (teacher, --students and the "
+                   "label-only baseline) on --test_data with the task's metrics instead")  # fmt: skip
+    g.add_argument("--test_data", help="the labelled test set, in fastdistil.train --task's formats")
+    g.add_argument("--text_pair_column", help="classification: column of the second text of a pair")
+    g.add_argument("--doc_stride", type=int, default=32, help="QA: overlap of context windows (default %(default)s)")
+    g.add_argument("--label_only", metavar="DIR", help="the label-only baseline (default: <run>/label-only-student "
+                   "beside a student <run>/student)")  # fmt: skip
     g = p.add_argument_group("latency")
     g.add_argument("--batch_size", type=int, default=32, help="sequences per timed forward (default %(default)s)")
     g.add_argument("--seq_len", type=int, default=128, help="tokens per sequence (default %(default)s)")
@@ -612,7 +608,10 @@ def main(argv=None) -> int:
     try:
         check_common(c)
         check_destination(c.out, "--out", marker="report.json", inputs=(c.teacher, *c.students))
-        run(c)
+        if c.task:
+            task_evaluation.run_cli(c)
+        else:
+            run(c)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -175,13 +175,21 @@ def probe(c, objective: objectives.Objective, tokenizer, sample: list, device: t
         uniform = fd_data.MLMMasker(np.ones(len(tokenizer), dtype=np.int64), tokenizer.all_special_ids,
                                     tokenizer.mask_token_id)  # fmt: skip
         ids, labels = uniform(batch, torch.Generator().manual_seed(0))
-        labels = labels.to(device)
     else:
         ids = batch.input_ids
+    probe_batch(c, objective, ids, batch.attention_mask, labels, device)
+
+
+def probe_batch(c, objective: objectives.Objective, ids, mask, labels, device: torch.device) -> None:
+    """probe() of one collated batch (labels: None, a tensor or a dict of tensors, as the objective takes them)."""
+    if isinstance(labels, dict):
+        labels = {k: v.to(device) for k, v in labels.items()}
+    elif labels is not None:
+        labels = labels.to(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             with use_kernels(c.kernels), autocast(c.precision, device):
-                losses = objective.combine(objective.terms(ids.to(device), batch.attention_mask.to(device), labels))
+                losses = objective.combine(objective.terms(ids.to(device), mask.to(device), labels))
             losses.total.backward()
         except (RuntimeError, ValueError, TypeError) as e:
             raise UsageError(f"the first batch fails in the teacher, student or objective: {first_line(e, 300)}") from e

@@ -36,6 +36,10 @@ def resolve_config(argv=None):
 
 def train(c) -> RunResult:
     """Run the job described by a resolved config (resolve_config); the CLI is main()."""
+    if c.task is not None:  # given, or read from a fine-tuned teacher's config (fastdistil.config.resolve)
+        from fastdistil.tasks import job as task_job
+
+        return task_job.run(c)
     return job.run(c)
 
 

@@ -41,6 +41,9 @@ class TrainData:
     lengths: np.ndarray  # length of every sequence
     train_idx: np.ndarray
     masker: fd_data.MLMMasker | None  # DistilBERT's dynamic masking, when the objective needs MLM labels
+    # (seqs, row indices, pad id) -> a batch with input_ids, attention_mask, n_tokens and `targets` (a dict of
+    # tensors the objective reads: task labels, masks); None: token sequences, with `masker` making the labels
+    collate: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -232,15 +235,26 @@ class Trainer:
         """This process's share of a global batch, masked when the objective needs labels, on the device."""
         idx = global_batch[self.world.rank :: self.world.size]
         t_data = time.perf_counter()
-        batch = fd_data.collate(self.data.seqs, idx, self.tokenizer.pad_token_id)
-        masker = self.data.masker
-        ids, labels = masker(batch, self.mask_gen) if masker is not None else (batch.input_ids, None)
-        ids, mask = ids.to(self.device), batch.attention_mask.to(self.device)
-        labels = labels.to(self.device) if labels is not None else None
+        ids, mask, labels, batch = self._batch(idx)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        if isinstance(labels, dict):
+            labels = {k: v.to(self.device) for k, v in labels.items()}
+        elif labels is not None:
+            labels = labels.to(self.device)
         sums.data_wait += time.perf_counter() - t_data
         sums.samples += len(idx)
         sums.tokens += batch.n_tokens
         return ids, mask, labels
+
+    def _batch(self, idx: np.ndarray):
+        """(input ids, attention mask, what the objective gets as labels, the batch) of the rows idx."""
+        d, pad = self.data, self.tokenizer.pad_token_id
+        if d.collate is not None:
+            batch = d.collate(d.seqs, idx, pad)
+            return batch.input_ids, batch.attention_mask, batch.targets, batch
+        batch = fd_data.collate(d.seqs, idx, pad)
+        ids, labels = d.masker(batch, self.mask_gen) if d.masker is not None else (batch.input_ids, None)
+        return ids, batch.attention_mask, labels, batch
 
     def micro_step(self, global_batch: np.ndarray, sums: _StepSums, last_micro: bool) -> None:
         """Forward and backward of one batch; gradients accumulate until the last micro-step of the step."""
