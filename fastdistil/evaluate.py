@@ -58,6 +58,7 @@ from fastdistil.models import encoder
 from fastdistil.padding import mean_pool
 from fastdistil.tasks import TASKS
 from fastdistil.tasks import evaluation as task_evaluation
+from fastdistil.tasks.data import read_records
 from fastdistil.tasks.metrics import classification_metrics
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -196,59 +197,19 @@ class Labelled:
 def read_labelled(spec: str, text_column: str, label_column: str, test_fraction: float, seed: int) -> Labelled:
     """A labelled set from CSV / TSV / JSON lines (or a `datasets` name), split into train / test (stratified by
     class, deterministic). Labels must be all integers or all strings, with at least two classes."""
-    import datasets
-
     if spec == fd_data.BUILTIN_LABELLED:
         texts, labels = fd_data.builtin_labelled(seed=seed)
         return make_labelled(texts, labels, spec, test_fraction, seed)
-    suffix = "".join(Path(spec).suffixes[-2:]).lower().removesuffix(".gz")
-    if os.path.isfile(spec) and not _has_records(spec, header=suffix.endswith((".csv", ".tsv"))):
-        raise EvalError(f"--labelled {spec}: the set is empty")
-    try:
-        if os.path.isfile(spec):
-            if suffix.endswith((".csv", ".tsv")):
-                ds = datasets.load_dataset(
-                    "csv", data_files=spec, split="train", delimiter="\t" if suffix.endswith(".tsv") else ","
-                )
-            elif suffix.endswith((".jsonl", ".json")):
-                ds = datasets.load_dataset("json", data_files=spec, split="train")
-            else:
-                raise EvalError(f"--labelled {spec}: use a .csv, .tsv or .jsonl file")
-        elif os.path.exists(spec):
-            raise EvalError(f"--labelled {spec}: not a file")
-        else:
-            name, _, config = spec.partition(":")
-            ds = datasets.load_dataset(name, config or None, split="train")
-    except EvalError:
-        raise
-    except Exception as e:
-        raise EvalError(
-            f"--labelled {spec}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from e
-    if len(ds) == 0:
-        raise EvalError(f"--labelled {spec}: the set is empty")
-    missing = [c for c in (text_column, label_column) if c not in ds.column_names]
+    rows = read_records(spec, "--labelled")
+    missing = [c for c in (text_column, label_column) if c not in rows[0]]
     if missing:
-        raise EvalError(
-            f"--labelled {spec}: no column {missing[0]!r} (columns: {ds.column_names}); "
-            "see --text_column / --label_column"
-        )
-    texts, raw = ds[text_column], ds[label_column]
+        raise EvalError(f"--labelled {spec}: no column {missing[0]!r} (columns: {sorted(rows[0])}); "
+                        "see --text_column / --label_column")  # fmt: skip
+    texts, raw = [r[text_column] for r in rows], [r[label_column] for r in rows]
     bad_text = next((i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()), None)
     if bad_text is not None:
         raise EvalError(f"--labelled {spec}: row {bad_text + 1} has no text in column {text_column!r}")
     return make_labelled(texts, raw, spec, test_fraction, seed)
-
-
-def _has_records(path: str, header: bool) -> bool:
-    """Whether a text file holds at least one record (a non-blank line, after the header line for CSV/TSV)."""
-    import gzip
-
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8", errors="replace") as f:
-        lines = (line for line in f if line.strip())
-        if header:
-            next(lines, None)
-        return next(lines, None) is not None
 
 
 def make_labelled(texts, raw_labels, what: str, test_fraction: float, seed: int) -> Labelled:

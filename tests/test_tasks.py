@@ -368,6 +368,9 @@ def _bad_inputs(tmp_path):
         (SEQUENCE_CLASSIFICATION, cls_teacher, cls, ["--text_column", "sentence"], "no column 'sentence'"),
         (TOKEN_CLASSIFICATION, cls_teacher, _ner_file(tmp_path), [], "not --task token-classification"),
         (SEQUENCE_CLASSIFICATION, cls_teacher, cls, ["--test_fraction", "0.001"], "too few"),
+        (SEQUENCE_CLASSIFICATION, cls_teacher, tmp_path / "missing.csv", [], "no such file"),
+        (SEQUENCE_CLASSIFICATION, cls_teacher, cls, ["--test_data", str(empty)], "empty"),
+        (SEQUENCE_CLASSIFICATION, cls_teacher, cls, ["--student_layers", "0,9"], "layers 0..3"),
     ]
 
 

@@ -17,8 +17,8 @@ from fastdistil.tasks.data import TaskSet
 
 BUILTIN_TASK_DATA = fd_data.BUILTIN_LABELLED  # builtin:bible-genre
 LABELLED_PER_CLASS = 250
-UNLABELLED = 6000
-TEST_PER_CLASS = 150
+UNLABELLED = 5500
+TEST_PER_CLASS = 200
 
 
 def _draw(items: list, per_class: int | None, rng: np.random.Generator) -> list:

@@ -65,10 +65,21 @@ def read_records(spec: str, what: str) -> list[dict]:
     """Rows of a CSV / TSV / JSON / JSON-lines file or a `datasets` name[:config] (its train split)."""
     import datasets
 
+    was_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # reading a file of examples takes a moment: no bar for it
+    try:
+        return _load_records(spec, what, datasets)
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
+def _load_records(spec: str, what: str, datasets) -> list[dict]:
     suffix = "".join(Path(spec).suffixes[-2:]).lower().removesuffix(".gz")
     if os.path.isdir(spec):
         raise DataError(f"{what} {spec}: a directory; give a .csv, .tsv, .json or .jsonl file")
+    if not os.path.exists(spec) and (os.sep in spec or suffix.endswith((".csv", ".tsv", ".json", ".jsonl"))):
+        raise DataError(f"{what} {spec}: no such file")
     try:
         if os.path.isfile(spec):
             if os.path.getsize(spec) == 0:

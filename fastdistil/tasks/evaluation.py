@@ -3,7 +3,6 @@ scored with fastdistil.tasks.metrics, beside their speed and size, as one table.
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
@@ -71,31 +70,29 @@ TIMED_ROWS = 512  # the test rows every throughput pass runs (spread over all le
 
 def throughput(models: list, features: Features, pad_id: int, device, repeats: int = 3, batch_size: int = 32) -> list:
     """Examples per second of each model over (at most TIMED_ROWS of) the test features: one warm-up batch
-    each, then `repeats` passes with the models taking turns, so a noisy neighbour slows them alike; the median
-    pass."""
+    each, then `repeats` passes in which the models take turns batch by batch (a noisy neighbour slows them
+    alike); the median pass of each."""
     batches = [b for _, b in _batches(features, pad_id, batch_size)]
     every = max(1, len(batches) * batch_size // TIMED_ROWS)
     batches = batches[::every]  # every k-th batch of the length-sorted order: short and long ones alike
     n_rows = sum(b.input_ids.shape[0] for b in batches)
-    times: list[list[float]] = [[] for _ in models]
-
-    @torch.no_grad()
-    def one_pass(model, bs):
-        for b in bs:
-            targets = {k: v.to(device) for k, v in b.targets.items()}
-            model(**model_inputs(model, b.input_ids.to(device), b.attention_mask.to(device), targets))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for m in models:
-        m.eval()
-        one_pass(m, batches[:1])
-    for _ in range(repeats):
+    on_device = [(b.input_ids.to(device), b.attention_mask.to(device), {k: v.to(device) for k, v in
+                  b.targets.items()}) for b in batches]  # fmt: skip
+    inputs = [[model_inputs(m, *b) for b in on_device] for m in models]
+    totals = np.zeros((repeats, len(models)))
+    with torch.no_grad():
         for k, m in enumerate(models):
-            t0 = time.perf_counter()
-            one_pass(m, batches)
-            times[k].append(time.perf_counter() - t0)
-    return [n_rows / statistics.median(t) for t in times]
+            m.eval()
+            m(**inputs[k][0])  # warm-up
+        for r in range(repeats):
+            for j in range(len(batches)):
+                for k, m in enumerate(models):
+                    t0 = time.perf_counter()
+                    m(**inputs[k][j])
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    totals[r, k] += time.perf_counter() - t0
+    return [n_rows / float(np.median(totals[:, k])) for k in range(len(models))]
 
 
 def compare(arms: list[tuple[str, object]], data: TaskSet, features: Features, pad_id: int, device,

@@ -79,7 +79,7 @@ def check_flags(c):
     if c.student_config or c.student_pretrained:
         raise UsageError("--task students start from the teacher's layers: use --student_layers")
     c = dataclasses.replace(c, alpha_kd=1.0 if c.alpha_kd is None else c.alpha_kd,
-                            alpha_label=1.0 if c.alpha_label is None else c.alpha_label)  # fmt: skip
+                            alpha_label=0.5 if c.alpha_label is None else c.alpha_label)  # fmt: skip
     if c.alpha_kd + c.alpha_label + c.alpha_cos == 0:
         raise UsageError("every loss weight is 0: nothing to train")
     return c
@@ -240,14 +240,13 @@ def _run(c, signals: StopOnSignal) -> fd_job.RunResult:
     encode = lambda s: task_data.encode(s, tok, label2id, c.max_seq_len, c.doc_stride)  # noqa: E731
     train_f, both_f, test_f = encode(sets.train), encode(combined(sets.train, sets.extra)), encode(sets.test)
     dev = dev_scorer(sets, test_f, tok.pad_token_id, device)
-    if needs_finetune:  # the student's layers and objective fail now, not after the teacher's fine-tuning
-        provisional, _ = task_models.student_from_teacher(teacher, c.student_layers)
-        probe(c, _distillation(c, provisional.to(device), teacher), both_f, tok)
+    student, layers = task_models.student_from_teacher(teacher, c.student_layers)
+    probe(c, _distillation(c, student.to(device), teacher), both_f, tok)  # fails now, before any training
     _fresh(out, c)  # --force, or a run that never started, is replaced
     if needs_finetune:
         teacher = finetune(c, teacher, tok, train_f, out, dev, signals)
         fd_models.save_student(teacher, tok, out / "teacher")
-    student, layers = task_models.student_from_teacher(teacher, c.student_layers)
+        student, _ = task_models.student_from_teacher(teacher, layers)  # from the fine-tuned teacher
     steps = train_phase(c, "student", student, _distillation(c, student.to(device), teacher), both_f, tok, out, dev,
                         signals)  # fmt: skip
     fd_models.save_student(student, tok, out / "student")
