@@ -77,7 +77,7 @@ def build_optimizer(c, student: torch.nn.Module, total_steps: int, device: torch
         {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0},
     ]
     # fused: one kernel over all parameters; on these CPUs about 6x faster than the per-tensor loop (15 vs 85 ms
-    # a step for a BERT's 12M-weight embedding matrix, a tenth of a small student's step)
+    # a step for a MiniLM's 12M-weight embedding matrix and 24 384 x 384 matrices)
     optimizer = torch.optim.AdamW(groups, lr=c.learning_rate, eps=c.adam_epsilon, betas=(0.9, 0.98),
                                   fused=device.type in ("cpu", "cuda"))  # fmt: skip
     scheduler = transformers.get_linear_schedule_with_warmup(
