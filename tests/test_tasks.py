@@ -234,6 +234,9 @@ def test_readers_of_the_three_formats(tmp_path):
     tsv.write_text("a\tb\ty\nthe king\tthe sea\tyes\nthe land\tthe man\tno\n")
     pairs = task_data.read_classification(str(tsv), "a", "b", "y")
     assert pairs.inputs[0] == ("the king", "the sea") and pairs.labels == ["yes", "no"]
+    tsv.write_text("a\tb\ty\nthe king\tthe sea\tyes\nthe land\t\tno\n")
+    with pytest.raises(task_data.DataError, match="row 2 has no text in column 'b'"):
+        task_data.read_classification(str(tsv), "a", "b", "y")
     conll = tmp_path / "ner.conll"
     conll.write_text("-DOCSTART- O\n\nthe O\nking B-PER\n\nin O\ncity B-LOC\n")
     ner = task_data.read_token_classification(str(conll), "tags")

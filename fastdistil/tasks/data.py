@@ -49,13 +49,6 @@ class TaskSet:
     def subset(self, idx) -> TaskSet:
         return TaskSet(self.task, [self.inputs[i] for i in idx], [self.labels[i] for i in idx], self.source)
 
-    def unlabelled(self) -> TaskSet:
-        return TaskSet(self.task, list(self.inputs), [None] * len(self.inputs), self.source)
-
-    @property
-    def n_labelled(self) -> int:
-        return sum(lab is not None for lab in self.labels)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Reading
@@ -126,9 +119,10 @@ def read_classification(spec: str, text_column: str, pair_column: str | None, la
     rows = read_records(spec, what)
     texts = _column(rows, text_column, spec, what)
     pairs = _column(rows, pair_column, spec, what) if pair_column else [None] * len(rows)
-    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()), None)
-    if bad is not None:
-        raise DataError(f"{what} {spec}: row {bad + 1} has no text in column {text_column!r}")
+    for column, values in ((text_column, texts), (pair_column, pairs if pair_column else [])):
+        bad = next((i for i, t in enumerate(values) if not isinstance(t, str) or not t.strip()), None)
+        if bad is not None:
+            raise DataError(f"{what} {spec}: row {bad + 1} has no text in column {column!r}")
     labels = [None] * len(rows)
     if labelled:
         labels = _column(rows, label_column, spec, what)
