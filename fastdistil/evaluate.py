@@ -330,6 +330,7 @@ COLUMNS = [  # (key, header, format)
     ("mlm_top1", "MLM top-1", "{:.3f}"),
     ("kl_to_teacher", "KL to teacher", "{:.3f}"),
     ("embedding_cosine", "cos to teacher", "{:.3f}"),
+    ("pairwise_spearman", "pair-sim Spearman", "{:.3f}"),
     ("accuracy", "accuracy", "{:.3f}"),
     ("precision_macro", "precision", "{:.3f}"),
     ("recall_macro", "recall", "{:.3f}"),

@@ -8,7 +8,10 @@ Definitions (the README states them too):
 - kl_to_teacher: KL(teacher || model) at T = 1 over the vocabulary, mean over the masked positions;
 - embedding_cosine: mean over sequences of the cosine between the model's and the teacher's mean-pooled last
   hidden states, on the unmasked text; token_cosine: the same per real token, mean over tokens (both only when
-  the two models have the same width).
+  the two models have the same width);
+- pairwise_spearman: Spearman's rank correlation between the teacher's and the model's cosine similarities of
+  every pair of held-out sequences (mean-pooled embeddings, unmasked text): how well the model keeps which texts
+  are alike, defined for any two widths.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ class _Sums:
     def __init__(self):
         self.ce = self.kl = self.emb_cos = self.tok_cos = 0.0
         self.correct = self.n_masked = self.n_seq = self.n_tok = 0
+        self.pooled: list = []  # (model, teacher) mean-pooled embeddings of each batch
 
 
 @torch.no_grad()
@@ -86,8 +90,8 @@ def compare(model, teacher, batches, device, *, model_mlm: bool, teacher_mlm: bo
         with autocast():
             if model_mlm:
                 _add_mlm(s, model, teacher if kl else None, masked, mask, labels)
-            if same_width:
-                _add_cosines(s, model, teacher, ids, mask)
+            if cosines:
+                _add_embeddings(s, model, teacher, ids, mask, same_width)
     return _result(s, model_mlm, kl)
 
 
@@ -102,14 +106,43 @@ def _add_mlm(s: _Sums, model, teacher, masked, mask, labels) -> None:
         s.kl += F.kl_div(logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True, reduction="sum").item()
 
 
-def _add_cosines(s: _Sums, model, teacher, ids, mask) -> None:
+def _add_embeddings(s: _Sums, model, teacher, ids, mask, same_width: bool) -> None:
     rows = row_mask(mask)
     h = encoder(model)(input_ids=ids, attention_mask=mask).last_hidden_state.float()
     t = encoder(teacher)(input_ids=ids, attention_mask=mask).last_hidden_state.float()
-    s.emb_cos += F.cosine_similarity(mean_pool(h, rows), mean_pool(t, rows), dim=-1).sum().item()
-    s.tok_cos += F.cosine_similarity(h[rows], t[rows], dim=-1).sum().item()
-    s.n_seq += ids.shape[0]
-    s.n_tok += int(rows.sum())
+    h_pooled, t_pooled = mean_pool(h, rows), mean_pool(t, rows)
+    s.pooled.append((h_pooled.cpu(), t_pooled.cpu()))
+    if same_width:
+        s.emb_cos += F.cosine_similarity(h_pooled, t_pooled, dim=-1).sum().item()
+        s.tok_cos += F.cosine_similarity(h[rows], t[rows], dim=-1).sum().item()
+        s.n_seq += ids.shape[0]
+        s.n_tok += int(rows.sum())
+
+
+def pairwise_spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Spearman's rank correlation between the cosine similarities of every pair of rows of `a` and the same
+    pairs of `b` (the widths of a and b may differ); None with fewer than three rows, or when one side's
+    similarities are all equal."""
+    if a.shape[0] < 3:
+        return None
+    i, j = torch.triu_indices(a.shape[0], a.shape[0], offset=1)
+    sims = []
+    for x in (a, b):
+        x = F.normalize(x.double(), dim=-1)
+        sims.append(_average_ranks((x @ x.T)[i, j]))
+    ra, rb = (r - r.mean() for r in sims)
+    denom = (ra.square().sum() * rb.square().sum()).sqrt()
+    return float((ra * rb).sum() / denom) if denom > 0 else None
+
+
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of x, ties sharing their mean rank (Spearman's definition)."""
+    order = torch.argsort(x)
+    _, group, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    mean_rank = torch.cumsum(counts, 0).double() - (counts.double() - 1) / 2
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks[order] = mean_rank[group]
+    return ranks
 
 
 def _result(s: _Sums, mlm: bool, kl: bool) -> dict:
@@ -123,4 +156,7 @@ def _result(s: _Sums, mlm: bool, kl: bool) -> dict:
     if s.n_seq:
         res["embedding_cosine"] = s.emb_cos / s.n_seq
         res["token_cosine"] = s.tok_cos / s.n_tok
+    if s.pooled:
+        res["pairwise_spearman"] = pairwise_spearman(torch.cat([h for h, _ in s.pooled]),
+                                                     torch.cat([t for _, t in s.pooled]))  # fmt: skip
     return res

@@ -259,7 +259,7 @@ def evaluation(p: Prepared, eval_idx):
         p.student.train(was_training)
         # cosines only exist between models of one width (None for a narrower student)
         res = {"embedding_cosine": s.get("embedding_cosine"), "token_cosine": s.get("token_cosine"),
-               "eval_sequences": len(eval_idx)}  # fmt: skip
+               "pairwise_spearman": s.get("pairwise_spearman"), "eval_sequences": len(eval_idx)}  # fmt: skip
         if mlm:
             t = heldout.compare(p.teacher.model, p.teacher.model, batches, model_mlm=True, cosines=False, **kw)
             res.update(student_mlm_loss=s["mlm_loss"], teacher_mlm_loss=t["mlm_loss"], student_mlm_acc=s["mlm_top1"],
@@ -422,12 +422,12 @@ def _cell(value) -> str:
 
 def summary_table(s: dict, mlm: bool) -> str:
     rows = [("held-out embedding cosine to teacher", "embedding_cosine"), ("held-out token cosine to teacher",
-            "token_cosine")]  # fmt: skip
+            "token_cosine"), ("held-out pairwise-similarity Spearman", "pairwise_spearman")]  # fmt: skip
     if mlm:
         rows += [("student MLM loss", "student_mlm_loss"), ("student MLM top-1 accuracy", "student_mlm_acc"),
                  ("student-teacher KL (T=1, masked tokens)", "student_teacher_kl")]  # fmt: skip
     lines = ["| metric | before | after |", "|---|---|---|"]
-    lines += [f"| {label} | {_cell(s['before'][k])} | {_cell(s['after'][k])} |" for label, k in rows]
+    lines += [f"| {label} | {_cell(s['before'].get(k))} | {_cell(s['after'].get(k))} |" for label, k in rows]
     if mlm:
         lines += [f"| teacher MLM loss | {s['after']['teacher_mlm_loss']:.4f} | |",
                   f"| teacher MLM top-1 accuracy | {s['after']['teacher_mlm_acc']:.4f} | |"]  # fmt: skip

@@ -138,6 +138,7 @@ def test_text_metrics_by_hand(workdir):
     assert got["embedding_cosine"] == pytest.approx(torch.stack(cos).mean().item(), rel=1e-5)
     same = fd_eval.text_metrics(teacher, teacher, [fd_heldout.HeldoutBatch(ids, mask, masked, labels)], "cpu")
     assert "kl_to_teacher" not in same and same["embedding_cosine"] == pytest.approx(1.0)
+    assert same["pairwise_spearman"] == pytest.approx(1.0) and -1 <= got["pairwise_spearman"] <= 1
 
 
 def test_retention_and_speedup_are_relative_to_the_teacher():
@@ -297,3 +298,28 @@ def test_builtin_labelled_set():
         ["Acts", "Apocalyptic", "Epistles", "Gospels", "History", "Law", "Prophets", "Wisdom"]
     )
     assert fd_data.builtin_labelled(per_class=20, seed=1) == (texts, labels) and all("{" not in t for t in texts)
+
+
+
+def _pair_sims(x):
+    """Cosine similarity of every pair of rows (i < j), the quantity pairwise_spearman ranks."""
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1)
+    x = torch.nn.functional.normalize(x.double(), dim=-1)
+    return (x @ x.T)[i, j].numpy()
+
+
+def test_pairwise_spearman_against_scipy_and_across_widths():
+    from scipy.stats import spearmanr
+
+    from fastdistil.heldout import pairwise_spearman
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(40, 16, generator=g)
+    narrow = a[:, :8] + 0.3 * torch.randn(40, 8, generator=g)  # another width, related embeddings
+    expected = spearmanr(_pair_sims(a), _pair_sims(narrow)).statistic
+    assert 0.2 < expected < 0.99
+    assert pairwise_spearman(a, narrow) == pytest.approx(expected, abs=1e-9)
+    assert pairwise_spearman(a, 3 * a) == pytest.approx(1.0)  # the same similarities
+    ties = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # tied similarities share a rank
+    assert pairwise_spearman(ties, a[:4]) == pytest.approx(spearmanr(_pair_sims(ties), _pair_sims(a[:4])).statistic)
+    assert pairwise_spearman(a[:2], a[:2]) is None  # one pair: no ranking

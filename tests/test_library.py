@@ -234,3 +234,5 @@ def test_a_narrower_student_trains_on_the_vocabulary_losses_alone(tmp_path):
     assert r.exit_code == 0 and r.summary["after"]["embedding_cosine"] is None
     assert r.summary["after"]["student_teacher_kl"] > 0
     assert "| held-out embedding cosine to teacher | n/a | n/a |" in (tmp_path / "narrow" / "summary.md").read_text()
+    spearman = r.summary["after"]["pairwise_spearman"]  # width-free: defined for the narrower student
+    assert spearman is not None and -1 <= spearman <= 1
