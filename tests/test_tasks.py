@@ -390,3 +390,17 @@ def test_two_classes_of_a_three_class_teacher_are_refused(tmp_path, capsys):
     teacher = _teacher(tmp_path, SEQUENCE_CLASSIFICATION, labels=["royal", "sea", "x"], name="three")
     assert fd_train.main(_run_args(tmp_path, SEQUENCE_CLASSIFICATION, teacher, _classification_file(tmp_path))) == 2
     assert "2 classes, but the teacher" in capsys.readouterr().err
+
+
+def test_integer_labels_match_placeholder_label_names_in_training_and_scoring(tmp_path):
+    """A teacher whose id2label is transformers' LABEL_0, LABEL_1 takes data labelled 0 and 1, in the job and in
+    the metrics (a label that matched no name would count as wrong for every model)."""
+    from fastdistil.tasks import evaluation
+
+    teacher = _teacher(tmp_path, SEQUENCE_CLASSIFICATION, labels=["LABEL_0", "LABEL_1"], name="placeholder")
+    data = _classification_file(tmp_path, labels=[0, 1])
+    assert fd_train.main(_run_args(tmp_path, SEQUENCE_CLASSIFICATION, teacher, data)) == 0
+    test = task_data.TaskSet(SEQUENCE_CLASSIFICATION, [("a", None)] * 3, [0, 1, 1], "mem")
+    logits = [np.array([2.0, 0.0]), np.array([0.0, 1.0]), np.array([3.0, 0.0])]
+    m = evaluation.score(test, None, logits, {0: "LABEL_0", 1: "LABEL_1"})
+    assert m["accuracy"] == pytest.approx(2 / 3)

@@ -270,8 +270,9 @@ def check_labels(data: TaskSet, label2id: dict, what: str, teacher: str) -> None
     if unknown:
         raise DataError(f"{what} {data.source}: label(s) {unknown[:5]} are not among the teacher's {teacher} labels "
                         f"{sorted(label2id)[:10]}")  # fmt: skip
-    if data.task == SEQUENCE_CLASSIFICATION and what == "--data" and len(seen) != len(label2id):
-        raise DataError(f"{what} {data.source}: {len(seen)} classes, but the teacher {teacher} has {len(label2id)} "
+    n_classes = len(set(label2id.values()))  # a class may answer to two names (LABEL_k and k)
+    if data.task == SEQUENCE_CLASSIFICATION and what == "--data" and len(seen) != n_classes:
+        raise DataError(f"{what} {data.source}: {len(seen)} classes, but the teacher {teacher} has {n_classes} "
                         f"({sorted(label2id)[:10]})")  # fmt: skip
 
 

@@ -12,6 +12,7 @@ from fastdistil.objectives.task_logits import model_inputs
 from fastdistil.tasks import QUESTION_ANSWERING, SEQUENCE_CLASSIFICATION, TOKEN_CLASSIFICATION
 from fastdistil.tasks import metrics as task_metrics
 from fastdistil.tasks.data import Features, TaskSet, collate
+from fastdistil.tasks.models import label_ids
 
 HEADLINE = {SEQUENCE_CLASSIFICATION: ("accuracy", "f1_macro"), TOKEN_CLASSIFICATION: ("f1", "precision", "recall"),
             QUESTION_ANSWERING: ("exact_match", "f1")}  # fmt: skip
@@ -46,7 +47,7 @@ def predict(model, features: Features, pad_id: int, device, batch_size: int = 64
 def score(data: TaskSet, features: Features, logits: list, id2label: dict) -> dict:
     """The task's metrics of one model's logits against the gold labels of `data`."""
     if data.task == SEQUENCE_CLASSIFICATION:
-        label2id = {str(v): k for k, v in id2label.items()}
+        label2id = label_ids(id2label)
         gold = [label2id.get(str(lab), -1) for lab in data.labels]
         return task_metrics.classification_metrics(gold, [int(np.argmax(x)) for x in logits])
     if data.task == TOKEN_CLASSIFICATION:

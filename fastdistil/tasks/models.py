@@ -88,8 +88,13 @@ def with_new_head(name_or_path: str, task: str, labels: list[str]):
 
 
 def label2id(config) -> dict[str, int]:
-    """Label name -> index of a fine-tuned model; transformers' placeholder names LABEL_k also answer to k."""
-    out = {str(name): int(i) for i, name in config.id2label.items()}
+    """Label name -> index of a fine-tuned model (label_ids of its id2label)."""
+    return label_ids(config.id2label)
+
+
+def label_ids(id2label: dict) -> dict[str, int]:
+    """Label name -> index; transformers' placeholder names LABEL_k also answer to k (data labelled 0..K-1)."""
+    out = {str(name): int(i) for i, name in id2label.items()}
     for name, i in list(out.items()):
         m = _DEFAULT_LABEL.match(name)
         if m and int(m.group(1)) == i:
