@@ -28,7 +28,7 @@ from fastdistil.fileio import DiskFullError, atomic_write, check_writable_parent
 from fastdistil.ops import use_kernels
 from fastdistil.signals import StopOnSignal
 from fastdistil.telemetry import peak_memory_mb
-from fastdistil.trainer import TrainData, Trainer, autocast
+from fastdistil.trainer import TrainData, Trainer, autocast, to_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -182,10 +182,7 @@ def probe(c, objective: objectives.Objective, tokenizer, sample: list, device: t
 
 def probe_batch(c, objective: objectives.Objective, ids, mask, labels, device: torch.device) -> None:
     """probe() of one collated batch (labels: None, a tensor or a dict of tensors, as the objective takes them)."""
-    if isinstance(labels, dict):
-        labels = {k: v.to(device) for k, v in labels.items()}
-    elif labels is not None:
-        labels = labels.to(device)
+    labels = to_device(labels, device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             with use_kernels(c.kernels), autocast(c.precision, device):

@@ -30,6 +30,13 @@ from fastdistil.telemetry import StepLog, peak_memory_mb, truncate_metrics
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight")
 
 
+def to_device(labels, device):
+    """What the objective gets as labels (None, a tensor, or a dict of tensors: task targets) on `device`."""
+    if isinstance(labels, dict):
+        return {k: v.to(device) for k, v in labels.items()}
+    return labels.to(device) if labels is not None else None
+
+
 def autocast(precision: str, device):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)
@@ -239,11 +246,7 @@ class Trainer:
         idx = global_batch[self.world.rank :: self.world.size]
         t_data = time.perf_counter()
         ids, mask, labels, batch = self._batch(idx)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        if isinstance(labels, dict):
-            labels = {k: v.to(self.device) for k, v in labels.items()}
-        elif labels is not None:
-            labels = labels.to(self.device)
+        ids, mask, labels = ids.to(self.device), mask.to(self.device), to_device(labels, self.device)
         sums.data_wait += time.perf_counter() - t_data
         sums.samples += len(idx)
         sums.tokens += batch.n_tokens

@@ -50,9 +50,11 @@ def task_labels(task: str, targets: dict) -> list[Tensor]:
     return [targets["labels"]]
 
 
-def model_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, targets: dict) -> dict:
+def model_inputs(input_ids: Tensor, attention_mask: Tensor, targets: dict) -> dict:
+    """The forward's keyword arguments; token_type_ids only where the encoding made them (fastdistil.tasks.data
+    keeps them for tokenizers whose models take them)."""
     kw = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if "token_type_ids" in targets and model.config.model_type not in ("distilbert", "roberta", "xlm-roberta"):
+    if "token_type_ids" in targets:
         kw["token_type_ids"] = targets["token_type_ids"]
     return kw
 
@@ -69,16 +71,15 @@ class TaskObjective(Objective):
 
     def terms(self, input_ids: Tensor, attention_mask: Tensor, targets: dict | None) -> dict[str, Tensor]:
         with_hidden = self.weights["loss_cos"] > 0
-        s_out = self.student(**model_inputs(self.student, input_ids, attention_mask, targets),
-                             output_hidden_states=with_hidden)  # fmt: skip
+        inputs = model_inputs(input_ids, attention_mask, targets)
+        s_out = self.student(**inputs, output_hidden_states=with_hidden)
         s_dists = task_logits(s_out, self.task, targets)
         labels = task_labels(self.task, targets)
         terms = {"loss_label": sum(labelled_cross_entropy(s, y) for (s, _), y in zip(s_dists, labels)) / len(labels)}
         if self.teacher is None:
             return terms
         with torch.no_grad():
-            t_out = self.teacher(**model_inputs(self.teacher, input_ids, attention_mask, targets),
-                                 output_hidden_states=with_hidden)  # fmt: skip
+            t_out = self.teacher(**inputs, output_hidden_states=with_hidden)
         t_dists = task_logits(t_out, self.task, targets)
         kd = [kd_loss(s, t.to(s.dtype).detach(), self.temperature, mask) for (s, mask), (t, _) in zip(s_dists, t_dists)]
         terms["loss_kd"] = sum(kd) / len(kd)

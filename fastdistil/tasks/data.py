@@ -306,15 +306,17 @@ def encode(data: TaskSet, tokenizer, label2id: dict, max_len: int, doc_stride: i
     return _encode_qa(data, tokenizer, max_len, doc_stride)
 
 
-def _kept(enc: dict) -> dict:
-    return {k: enc[k] for k in ("input_ids", "token_type_ids") if k in enc}
+def _kept(enc, tokenizer) -> dict:
+    """input_ids, and token_type_ids where the tokenizer's models take them (BERT; not DistilBERT or RoBERTa)."""
+    keep = ["input_ids"] + (["token_type_ids"] if "token_type_ids" in tokenizer.model_input_names else [])
+    return {k: enc[k] for k in keep if k in enc}
 
 
 def _encode_classification(data: TaskSet, tokenizer, label2id: dict, max_len: int) -> Features:
     texts = [t for t, _ in data.inputs]
     pairs = [p for _, p in data.inputs]
     enc = tokenizer(texts, pairs if any(p is not None for p in pairs) else None, truncation=True, max_length=max_len)
-    cols = _kept(enc)
+    cols = _kept(enc, tokenizer)
     cols["labels"] = [IGNORE if lab is None else label2id[str(lab)] for lab in data.labels]
     return Features(data.task, cols, list(range(len(data))))
 
@@ -331,7 +333,7 @@ def _encode_tokens(data: TaskSet, tokenizer, label2id: dict, max_len: int) -> Fe
             previous = w
         labels.append(row)
         word_starts.append(starts)
-    cols = _kept(enc)
+    cols = _kept(enc, tokenizer)
     cols.update(labels=labels, word_starts=word_starts)
     return Features(data.task, cols, list(range(len(data))))
 
@@ -341,7 +343,7 @@ def _encode_qa(data: TaskSet, tokenizer, max_len: int, doc_stride: int) -> Featu
     contexts = [c for _, c, _ in data.inputs]
     enc = tokenizer(questions, contexts, truncation="only_second", max_length=max_len, stride=doc_stride,
                     return_overflowing_tokens=True, return_offsets_mapping=True)  # fmt: skip
-    cols = _kept(enc)
+    cols = _kept(enc, tokenizer)
     cols.update(start_positions=[], end_positions=[], span_mask=[])
     offsets, examples = [], list(enc["overflow_to_sample_mapping"])
     for row, ex in enumerate(examples):

@@ -13,6 +13,7 @@ from fastdistil.tasks import QUESTION_ANSWERING, SEQUENCE_CLASSIFICATION, TOKEN_
 from fastdistil.tasks import metrics as task_metrics
 from fastdistil.tasks.data import Features, TaskSet, collate
 from fastdistil.tasks.models import label_ids
+from fastdistil.trainer import to_device
 
 HEADLINE = {SEQUENCE_CLASSIFICATION: ("accuracy", "f1_macro"), TOKEN_CLASSIFICATION: ("f1", "precision", "recall"),
             QUESTION_ANSWERING: ("exact_match", "f1")}  # fmt: skip
@@ -31,8 +32,7 @@ def predict(model, features: Features, pad_id: int, device, batch_size: int = 64
     model.eval()
     out: list = [None] * len(features)
     for idx, b in _batches(features, pad_id, batch_size):
-        targets = {k: v.to(device) for k, v in b.targets.items()}
-        res = model(**model_inputs(model, b.input_ids.to(device), b.attention_mask.to(device), targets))
+        res = model(**model_inputs(b.input_ids.to(device), b.attention_mask.to(device), to_device(b.targets, device)))
         for j, i in enumerate(idx):
             n = int(b.attention_mask[j].sum())
             if features.task == QUESTION_ANSWERING:
@@ -77,19 +77,18 @@ def throughput(models: list, features: Features, pad_id: int, device, repeats: i
     every = max(1, len(batches) * batch_size // TIMED_ROWS)
     batches = batches[::every]  # every k-th batch of the length-sorted order: short and long ones alike
     n_rows = sum(b.input_ids.shape[0] for b in batches)
-    on_device = [(b.input_ids.to(device), b.attention_mask.to(device), {k: v.to(device) for k, v in
-                  b.targets.items()}) for b in batches]  # fmt: skip
-    inputs = [[model_inputs(m, *b) for b in on_device] for m in models]
+    inputs = [model_inputs(b.input_ids.to(device), b.attention_mask.to(device), to_device(b.targets, device))
+              for b in batches]  # the same inputs for every model  # fmt: skip
     totals = np.zeros((repeats, len(models)))
     with torch.no_grad():
         for k, m in enumerate(models):
             m.eval()
-            m(**inputs[k][0])  # warm-up
+            m(**inputs[0])  # warm-up
         for r in range(repeats):
             for j in range(len(batches)):
                 for k, m in enumerate(models):
                     t0 = time.perf_counter()
-                    m(**inputs[k][j])
+                    m(**inputs[j])
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     totals[r, k] += time.perf_counter() - t0

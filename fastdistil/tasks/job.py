@@ -159,6 +159,11 @@ def _distillation(c, student, teacher) -> TaskObjective:
                          alpha_label=c.alpha_label, alpha_cos=c.alpha_cos if same_width else 0.0)  # fmt: skip
 
 
+def labels_only(model, task: str) -> TaskObjective:
+    """The hard-label objective without a teacher: fine-tuning a teacher, and the label-only baseline."""
+    return TaskObjective(model, None, task, alpha_label=1.0)
+
+
 def _labelled(features: task_data.Features) -> int:
     cols = features.columns
     if "labels" in cols:
@@ -195,13 +200,25 @@ def dev_scorer(sets: Sets, features: task_data.Features, pad_id: int, device):
 
 
 def run(c) -> fd_job.RunResult:
+    return _guarded(c, _run)
+
+
+def finetune_run(c) -> fd_job.RunResult:
+    """`python -m fastdistil.finetune`: a base encoder with a fresh task head, fine-tuned on the labelled set
+    (loss_label) -> <dump_path>/model, scored on the test set."""
+    return _guarded(c, _finetune)
+
+
+def _guarded(c, body) -> fd_job.RunResult:
+    """body(c, signals) under one signal handler for the whole run: an early stop or a signal is one message
+    and an exit code, never a traceback."""
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     signals = StopOnSignal()
     try:
         with use_kernels(c.kernels):
-            return _run(c, signals)
+            return body(c, signals)
     except Stopped as e:
         print(f"the run stopped early; {c.dump_path}/runs holds the checkpoints of the phase it was in",
               file=sys.stderr)
@@ -222,8 +239,7 @@ def load_teacher(c, sets: Sets):
         labels = task_data.label_names(sets.train)
         model, tok = task_models.with_new_head(c.teacher, c.task, labels)
         return model, tok, True
-    task_models.check_task(config, c.task, c.teacher)
-    model, tok = task_models.load(c.teacher, c.task)
+    model, tok = task_models.load(c.teacher, c.task)  # refuses a head of another task, or none
     check_sets(sets, task_models.label2id(model.config), c.teacher)
     return fd_models.freeze(model), tok, False
 
@@ -253,9 +269,8 @@ def _run(c, signals: StopOnSignal) -> fd_job.RunResult:
     arms = [("teacher", teacher), (f"student ({len(layers)} layers)", student)]
     if not c.skip_label_only:
         baseline, _ = task_models.student_from_teacher(teacher, layers)
-        label_only = TaskObjective(baseline.to(device), None, c.task, alpha_label=1.0)
-        train_phase(dataclasses.replace(c, max_steps=steps), "label-only", baseline, label_only, train_f, tok, out,
-                    dev, signals)  # fmt: skip
+        train_phase(dataclasses.replace(c, max_steps=steps), "label-only", baseline,
+                    labels_only(baseline.to(device), c.task), train_f, tok, out, dev, signals)  # fmt: skip
         fd_models.save_student(baseline, tok, out / "label-only-student")
         arms.append(("label-only student", baseline))
     return fd_job.RunResult(0, student, summarise(c, out, arms, sets, test_f, tok))
@@ -264,14 +279,11 @@ def _run(c, signals: StopOnSignal) -> fd_job.RunResult:
 def finetune(c, model, tok, features, out: Path, dev, signals: StopOnSignal):
     """Fine-tune `model` on the labelled features (loss_label) for --finetune_epochs; returns it frozen."""
     fc = dataclasses.replace(c, n_epoch=c.finetune_epochs, max_steps=None)
-    train_phase(fc, "teacher", model, TaskObjective(model, None, c.task, alpha_label=1.0), features, tok, out, dev,
-                signals)  # fmt: skip
+    train_phase(fc, "teacher", model, labels_only(model, c.task), features, tok, out, dev, signals)
     return fd_models.freeze(model)
 
 
-def finetune_run(c) -> fd_job.RunResult:
-    """`python -m fastdistil.finetune`: a base encoder with a fresh task head, fine-tuned on the labelled set
-    (loss_label) -> <dump_path>/model, scored on the test set."""
+def _finetune(c, signals: StopOnSignal) -> fd_job.RunResult:
     c = check_flags(c)
     out = fd_job.check_dump_path(c)
     sets = read_sets(c)
@@ -289,15 +301,7 @@ def finetune_run(c) -> fd_job.RunResult:
     test_f = task_data.encode(sets.test, tok, label2id, c.max_seq_len, c.doc_stride)
     dev = dev_scorer(sets, test_f, tok.pad_token_id, device)
     _fresh(out, c)
-    signals = StopOnSignal()
-    try:
-        with use_kernels(c.kernels):
-            train_phase(c, "finetune", model, TaskObjective(model, None, c.task, alpha_label=1.0), train_f, tok, out,
-                        dev, signals)  # fmt: skip
-    except Stopped as e:
-        return fd_job.RunResult(e.code, None, None)
-    finally:
-        signals.restore()
+    train_phase(c, "finetune", model, labels_only(model, c.task), train_f, tok, out, dev, signals)
     fd_models.save_student(model, tok, out / "model")
     rows = evaluation.compare([("fine-tuned", model)], sets.test, test_f, tok.pad_token_id, device, repeats=1)
     print(f"\n{evaluation.table(rows, c.task)}\n\nmodel saved to {out / 'model'} (distil it with python -m "
