@@ -23,6 +23,7 @@ IMPL_DEVICE = {
     "reference": "cpu",
     "cpu_cpp": "cpu",
     "cpu_sdpa": "cpu",
+    "cpu_blocked": "cpu",
     "cuda_cpp": "cuda",
     "cuda_triton": TRITON_DEVICE,
 }

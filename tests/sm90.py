@@ -131,9 +131,28 @@ def loss_variants():
                 HAS_MASK=True, STUDENT_GRAD=True, TEACHER_GRAD=False, BLOCK_H=C._block_h(h)), 4
 
 
+def relation_variants():
+    """Every relation_kl kernel for each dtype and tile class (the larger of the two padded head sizes), both sides
+    at that size (the heaviest), with a padding mask, plus a narrow student against a wide teacher."""
+    from fastdistil.kernels import relation_kl as R
+
+    kernels = {"fwd": R._relation_kl_fwd_kernel, "bwd_dl": R._relation_kl_bwd_dl_kernel,
+               "bwd_dr": R._relation_kl_bwd_dr_kernel}  # fmt: skip
+    for dtype, dt in DTYPES.items():
+        types = {n: f"*{dt}" for n in ("SL", "SR", "TL", "TR", "DSL", "DSR")}
+        types |= {n: "*fp32" for n in ("KL", "LSE_S", "LSE_T", "G")}
+        types |= {"kpm_ptr": "*u8", "kv_end_ptr": "*i32", "ss2": "fp32", "ts2": "fp32", "student_scale": "fp32"}
+        for ds, dt_ in [(d, d) for d in (16, 32, 64, 128, 256)] + [(32, 64)]:
+            cfg = R.launch_config(ds, dt_, dtype)
+            warps = cfg.pop("num_warps")
+            for kname, fn in kernels.items():
+                yield f"relation_kl {kname} {dt} Ds={ds} Dt={dt_}", dt, fn, types, {"HAS_KPM": True, **cfg}, warps
+
+
 def all_variants():
     yield from attention_variants()
     yield from loss_variants()
+    yield from relation_variants()
 
 
 PROBE = "attention fwd fp32 D<=64 padded"
@@ -152,7 +171,10 @@ def main(argv: list[str]) -> None:
         return
     if "--json" not in argv:
         print(f"{'variant':48} {'shared (B)':>10} {'regs':>5} {'spill (B)':>9}")
+    only = [a for a in argv if not a.startswith("--")]  # e.g. `relation_kl`: the variants whose name starts so
     for name, dt, fn, types, const, warps in all_variants():
+        if only and not any(name.startswith(o) for o in only):
+            continue
         u = compile_sm90(fn, types, const, warps)
         if "--json" in argv:
             print(json.dumps({"name": name, "dtype": dt, **u.__dict__}), flush=True)

@@ -35,8 +35,10 @@ def test_cpu_slot_runs_the_cpp_kernel_when_built():
     if backend.NATIVE is None:
         pytest.skip(f"native extension not loaded: {backend.NATIVE_PROBLEM}")
     cpu = {op: impl for (op, device, impl) in backend.table() if device == "cpu"}
-    # attention's CPU slot is ATen's CPU flash kernel (fastdistil has no C++ attention); every other op is ours
+    # attention's CPU slot is ATen's CPU flash kernel (fastdistil has no C++ attention), relation_kl's the blocked
+    # PyTorch implementation (its work is GEMMs and exponentials that ATen already vectorises); every other op is C++
     assert cpu.pop("fastdistil::attention_fwd") == cpu.pop("fastdistil::attention_bwd") == "cpu_sdpa"
+    assert cpu.pop("fastdistil::relation_kl_fwd") == cpu.pop("fastdistil::relation_kl_bwd") == "cpu_blocked"
     assert set(cpu.values()) == {"cpu_cpp"}
 
 

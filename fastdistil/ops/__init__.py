@@ -14,8 +14,9 @@ from fastdistil.ops.attention import attention, attention_varlen
 from fastdistil.ops.cosine_loss import cosine_loss
 from fastdistil.ops.distill_head import fused_distill_head
 from fastdistil.ops.kd_loss import kd_loss
+from fastdistil.ops.relation_kl import relation_kl
 
-OPS = ("kd_loss", "cosine_loss", "distill_head", "attention")
+OPS = ("kd_loss", "cosine_loss", "distill_head", "attention", "relation_kl")
 
 __all__ = [
     "KERNELS",
@@ -28,6 +29,7 @@ __all__ = [
     "fused_distill_head",
     "kd_loss",
     "op_module",
+    "relation_kl",
 ]
 
 
