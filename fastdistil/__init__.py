@@ -10,7 +10,7 @@ from fastdistil import (
 )
 from fastdistil.heads import MLMDistiller, mlm_parts
 from fastdistil.nn import CosineLoss, DistillHead, KDLoss
-from fastdistil.ops import attention, attention_varlen, cosine_loss, fused_distill_head, kd_loss
+from fastdistil.ops import attention, attention_varlen, cosine_loss, fused_distill_head, kd_loss, relation_kl
 from fastdistil.patch import is_patched, patch_model, unpatch_model
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "fused_distill_head",
     "kd_loss",
     "mlm_parts",
+    "relation_kl",
 ]
 
 

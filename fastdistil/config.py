@@ -132,6 +132,9 @@ def _options() -> list[Option]:
         O("max_seq_len", int, 128, "tokens per sequence, [CLS] and [SEP] included (default 128)", data,
           in_range(3, 512)),
         O("min_seq_len", int, 12, "shorter sequences are dropped (default 12)", data, positive),
+        O("vocab_fraction", float, 0.0, "add this share (of the training sequences) of sequences of whole words drawn "
+          "uniformly from the teacher's vocabulary, so the student also meets words its corpus lacks (default 0.0)",
+          data, in_range(0, 10)),
         O("eval_fraction", float, 0.02, "held-out share of the sequences (default 0.02, at most 2000)", data,
           in_range(0, 1, lo_open=True, hi_open=True)),
         O("temperature", float, 2.0, f"softmax temperature of loss_ce, in (0, {MAX_TEMPERATURE:g}] (default 2.0)", obj,
@@ -197,7 +200,38 @@ def _task_options() -> list[Option]:
     ]  # fmt: skip
 
 
-OPTIONS: dict[str, Option] = {o.name: o for o in _options() + _task_options()}
+def _shape_options() -> list[Option]:
+    O, shape, layers = Option, "student shape", "layer-wise distillation"  # noqa: E741, N806
+    return [
+        O("student_hidden_size", int, None, "a narrower student: its hidden size (default: the teacher's)", shape,
+          positive, optional=True),
+        O("student_num_heads", int, None, "its attention heads (default: hidden size / the teacher's head size)",
+          shape, positive, optional=True),
+        O("student_intermediate_size", int, None, "its FFN size (default: 4 x hidden size)", shape, positive,
+          optional=True),
+        O("student_init", str, "reduce", "a narrower student starts from the teacher's weights reduced to its shape "
+          "(the most important hidden dimensions, heads and FFN neurons of the --student_layers) or random "
+          "(default reduce)", shape, choices=("reduce", "random")),
+        O("layer_map", str, None, "student:teacher hidden-state pairs for --alpha_hidden / --alpha_attention, 0 = "
+          "the embeddings, m = layer m's output, e.g. 0:0,1:2,2:4,3:6 (default: TinyBERT's uniform map)", layers,
+          optional=True),
+        O("alpha_hidden", float, 0.0, "weight of the layer-mapped hidden-state loss (default 0.0)", layers,
+          finite_non_negative),
+        O("hidden_loss", str, "mse", "that loss: MSE (TinyBERT) or 1 - cosine (default mse)", layers,
+          choices=("mse", "cosine")),
+        O("alpha_attention", float, 0.0, "weight of the attention-map KL of the mapped layers (same head count; "
+          "default 0.0)", layers, finite_non_negative),
+        O("alpha_relation", float, 0.0, "weight of MiniLMv2's Q-Q, K-K, V-V relation KL (any shape; default 0.0)",
+          layers, finite_non_negative),
+        O("relation_heads", int, None, "relation heads R; each model's width splits into R (default: the teacher's "
+          "attention heads, or the largest number below that divides both widths)", layers, positive, optional=True),
+        O("relation_layers", str, "-1:-1", "student:teacher layers of the relations, 0-based, negative from the end "
+          "(default -1:-1, the last of each; MiniLMv2 takes an upper-middle teacher layer for large teachers)",
+          layers),
+    ]  # fmt: skip
+
+
+OPTIONS: dict[str, Option] = {o.name: o for o in _options() + _shape_options() + _task_options()}
 DEFAULTS: dict[str, Any] = {name: o.default for name, o in OPTIONS.items()}
 
 TrainConfig = dataclasses.make_dataclass(

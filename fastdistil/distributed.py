@@ -89,6 +89,9 @@ class ObjectiveModule(torch.nn.Module):
     def __init__(self, student: torch.nn.Module, objective):
         super().__init__()
         self.student = student
+        extra = objective.trainable()
+        if extra is not None:  # registered here, so that the optimizer and DDP see its parameters too
+            self.objective_state = extra
         self._objective = (objective,)
 
     def forward(self, input_ids, attention_mask, labels):

@@ -33,6 +33,10 @@ class DistillationTrainer(transformers.Trainer):
         elif objective is None:
             objective = objectives.HiddenStateObjective(self.model, self.teacher, alpha_cos=alpha_cos,
                                                         alpha_mse=alpha_mse)  # fmt: skip
+        if objective.trainable() is not None:  # transformers.Trainer's optimizer would never see it
+            raise ValueError("this objective trains state of its own (a projection between the two widths), which "
+                             "transformers.Trainer does not optimise or checkpoint; use fastdistil.distil or "
+                             "python -m fastdistil.train for students of another width")  # fmt: skip
         self.objective, self.kernels, self._terms = objective, kernels, {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

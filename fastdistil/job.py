@@ -20,7 +20,7 @@ import torch
 from fastdistil import checkpoint as fd_checkpoint
 from fastdistil import data as fd_data
 from fastdistil import distributed as fd_dist
-from fastdistil import heldout, objectives
+from fastdistil import heldout, narrow, objectives
 from fastdistil import models as fd_models
 from fastdistil import patch as fd_patch
 from fastdistil.errors import UsageError, first_line
@@ -113,7 +113,8 @@ def with_teacher_defaults(c, teacher: fd_models.Teacher):
             alpha_ce=5.0 if c.alpha_ce is None else c.alpha_ce,
             alpha_mlm=2.0 if c.alpha_mlm is None else c.alpha_mlm,
         )
-    if c.alpha_ce + c.alpha_mlm + c.alpha_cos + c.alpha_mse == 0:
+    weights = (c.alpha_ce, c.alpha_mlm, c.alpha_cos, c.alpha_mse, c.alpha_hidden, c.alpha_attention, c.alpha_relation)
+    if sum(weights) == 0:
         raise UsageError("every loss weight is 0: nothing to train")
     max_positions = getattr(teacher.model.config, "max_position_embeddings", None)
     if max_positions is not None and c.max_seq_len > max_positions:
@@ -130,9 +131,19 @@ def build_student(c, teacher: fd_models.Teacher):
     else:
         layers = c.student_layers or fd_models.default_student_layers(fd_models.num_layers(teacher.model))
         c = dataclasses.replace(c, student_layers=layers)
-        student = fd_models.student_from_teacher(teacher.model, layers)
-    fd_models.check_compatible(student, teacher, need_same_hidden=c.alpha_cos > 0 or c.alpha_mse > 0)
+        student = _student_of_layers(c, teacher.model, layers)
+    # Across widths the hidden-state terms go through a learned projection; only the pooled MSE cannot.
+    fd_models.check_compatible(student, teacher, need_same_hidden=c.alpha_mse > 0)
     return fd_models.as_fp32(student), c
+
+
+def _student_of_layers(c, teacher_model, layers: list[int]):
+    """The teacher's `layers` at its width, or reduced to (or drawn at random in) a narrower shape."""
+    if c.student_hidden_size is None and c.student_num_heads is None and c.student_intermediate_size is None:
+        return fd_models.student_from_teacher(teacher_model, layers)
+    config = narrow.narrow_config(teacher_model, len(layers), c.student_hidden_size, c.student_num_heads,
+                                  c.student_intermediate_size)  # fmt: skip
+    return narrow.narrow_student(teacher_model, layers, config, c.student_init)
 
 
 def teacher_compute_dtype(choice: str, teacher_model, device: torch.device) -> torch.dtype:
@@ -192,6 +203,8 @@ def probe_batch(c, objective: objectives.Objective, ids, mask, labels, device: t
             raise UsageError(f"the first batch fails in the teacher, student or objective: {first_line(e, 300)}") from e
         finally:
             objective.student.zero_grad(set_to_none=True)
+            if objective.trainable() is not None:
+                objective.trainable().zero_grad(set_to_none=True)
     bad = [k for k, v in losses.terms.items() if not torch.isfinite(v)]
     if bad:
         raise UsageError(
@@ -229,6 +242,19 @@ def prepare(c, world: fd_dist.World, teacher: fd_models.Teacher | None = None, t
     if world.is_main:
         world.barrier()
     return Prepared(c, out, teacher, student, objective, seqs, attention)
+
+
+def with_vocabulary_sequences(p: Prepared, train_idx):
+    """--vocab_fraction: vocabulary sequences appended to the corpus' and to the training indices only (the held-out
+    split stays the corpus' own text)."""
+    n = round(p.c.vocab_fraction * len(train_idx))
+    if n == 0:
+        return p, train_idx
+    import datasets
+
+    extra = fd_data.vocabulary_sequences(p.teacher.tokenizer, n, fd_data.sequence_lengths(p.seqs), p.c.seed)
+    seqs = datasets.concatenate_datasets([p.seqs, extra.cast(p.seqs.features)])
+    return dataclasses.replace(p, seqs=seqs), np.concatenate([train_idx, np.arange(len(p.seqs), len(seqs))])
 
 
 def train_data(p: Prepared, train_idx) -> TrainData:
@@ -297,6 +323,7 @@ def _run(c, world: fd_dist.World, teacher, texts, signals: StopOnSignal) -> RunR
     c = p.c
     torch.manual_seed(c.seed + world.rank)  # dropout differs between processes (DDP syncs the weights)
     train_idx, eval_idx = fd_data.split_train_eval(len(p.seqs), c.eval_fraction, c.seed)
+    p, train_idx = with_vocabulary_sequences(p, train_idx)
     trainer = Trainer(c, p.student, p.objective, train_data(p, train_idx), p.teacher.tokenizer, world=world,
                       device=c.device, out=p.out, evaluate=evaluation(p, eval_idx), signals=signals)  # fmt: skip
     if c.resume:
@@ -356,17 +383,17 @@ def write_config(p: Prepared, trainer: Trainer, n_train: int, n_eval: int, world
 
 def announce(p: Prepared, trainer: Trainer, n_train: int, n_eval: int, world) -> None:
     c, teacher = p.c, p.teacher
-    if teacher.has_mlm_head:
-        mode = "the full DistilBERT objective (loss_ce, loss_mlm, loss_cos)"
-    else:
-        mse = ", MSE of mean-pooled embeddings" if c.alpha_mse else ""
-        mode = f"hidden states only: the teacher has no MLM head (loss_cos on the last hidden states{mse})"
+    head = "" if teacher.has_mlm_head else " (the teacher has no MLM head: hidden states only)"
+    terms = " + ".join(f"{w:g} {k}" for k, w in p.objective.weights.items() if w)
     layers = f" {c.student_layers}" if c.student_layers else ""
+    s_width, t_width = fd_models.hidden_size(p.student), fd_models.hidden_size(teacher.model)
+    init = "--student_pretrained" if c.student_pretrained else "random" if c.student_config else c.student_init
+    width = f" x {s_width} wide (the teacher: {t_width}; initialised {init})" if s_width != t_width else ""
     processes = f", {world.size} processes x {c.batch_size} sequences" if world.active else ""
     print(
-        f"fastdistil: teacher {c.teacher} ({fd_models.num_layers(teacher.model)} layers) -> student "
-        f"{fd_models.num_layers(p.student)} layers{layers}; {mode}; {n_train} training / {n_eval} held-out "
-        f"sequences; {trainer.plan.total_steps} steps; kernels={c.kernels}, attention={p.attention}, "
+        f"fastdistil: teacher {c.teacher} ({fd_models.num_layers(teacher.model)} layers){head} -> student "
+        f"{fd_models.num_layers(p.student)} layers{layers}{width}; loss = {terms}; {n_train} training / {n_eval} "
+        f"held-out sequences; {trainer.plan.total_steps} steps; kernels={c.kernels}, attention={p.attention}, "
         f"precision={c.precision}, device={c.device}{processes}",
         flush=True,
     )

@@ -277,14 +277,33 @@ def check_compatible(student: nn.Module, teacher: Teacher, need_same_hidden: boo
     s_h, t_h = hidden_size(student), hidden_size(teacher.model)
     if need_same_hidden and s_h != t_h:
         raise ModelError(
-            f"student hidden size {s_h} != teacher hidden size {t_h}: the cosine/MSE losses on hidden states need "
-            "equal sizes (set --alpha_cos 0 --alpha_mse 0, or use a student of the teacher's width)"
+            f"student hidden size {s_h} != teacher hidden size {t_h}: the MSE of mean-pooled embeddings needs "
+            "equal sizes (set --alpha_mse 0; loss_cos and --alpha_hidden go through a learned projection)"
         )
 
 
 def encoder(model: nn.Module) -> nn.Module:
     """The bare encoder (BertModel, DistilBertModel, ...) of a model with or without a head."""
     return getattr(model, "base_model", model)
+
+
+def encoder_layers(model: nn.Module) -> list[nn.Module]:
+    base = encoder(model)
+    for path in ("encoder.layer", "transformer.layer"):  # BERT / RoBERTa, DistilBERT
+        obj = base
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+        if obj is not None:
+            return list(obj)
+    raise ModelError(f"{type(model).__name__}: no BERT or DistilBERT encoder layers")
+
+
+def attention_parts(layer: nn.Module):
+    """(self-attention module, query, key, value, output projection) of one layer."""
+    att = layer.attention
+    if hasattr(att, "q_lin"):  # DistilBERT
+        return att, att.q_lin, att.k_lin, att.v_lin, att.out_lin
+    return att.self, att.self.query, att.self.key, att.self.value, att.output.dense
 
 
 def hidden_size(model: nn.Module) -> int:

@@ -7,29 +7,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastdistil.models import ModelError, encoder
+from fastdistil.models import ModelError, attention_parts, encoder_layers
 
 # ---------------------------------------------------------------------------------------------------------
 # Attention heads of BERT-family layers
-
-
-def encoder_layers(model: nn.Module) -> list[nn.Module]:
-    base = encoder(model)
-    for path in ("encoder.layer", "transformer.layer"):  # BERT / RoBERTa, DistilBERT
-        obj = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if obj is not None:
-            return list(obj)
-    raise ModelError(f"{type(model).__name__}: no BERT or DistilBERT encoder layers to prune")
-
-
-def attention_parts(layer: nn.Module):
-    """(self-attention module, query, key, value, output projection) of one layer."""
-    att = layer.attention
-    if hasattr(att, "q_lin"):  # DistilBERT
-        return att, att.q_lin, att.k_lin, att.v_lin, att.out_lin
-    return att.self, att.self.query, att.self.key, att.self.value, att.output.dense
 
 
 def head_importance(model: nn.Module) -> list[torch.Tensor]:

@@ -74,11 +74,12 @@ def plan_steps(c, n_train: int, world_size: int) -> StepPlan:
     return StepPlan(total_steps, steps_per_epoch, math.ceil(total_steps / steps_per_epoch), global_batch)
 
 
-def build_optimizer(c, student: torch.nn.Module, total_steps: int, device: torch.device):
-    """AdamW (no weight decay on biases and LayerNorms), linear warm-up then decay, a GradScaler for fp16."""
+def build_optimizer(c, trained: torch.nn.Module, total_steps: int, device: torch.device):
+    """AdamW over `trained` (the student and what the objective trains beside it; no weight decay on biases and
+    LayerNorms), linear warm-up then decay, a GradScaler for fp16."""
     import transformers
 
-    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in trained.named_parameters() if p.requires_grad]
     groups = [
         {"params": [p for n, p in named if not n.endswith(NO_DECAY)], "weight_decay": c.weight_decay},
         {"params": [p for n, p in named if n.endswith(NO_DECAY)], "weight_decay": 0.0},
@@ -129,8 +130,10 @@ class Trainer:
         self.world, self.device, self.out, self.evaluate = world, torch.device(device), Path(out), evaluate
         self.signals = signals  # the job's handler (covering the whole run); None: the loop installs its own
         self.plan = plan_steps(c, len(data.train_idx), world.size)
-        self.optimizer, self.scheduler, self.scaler = build_optimizer(c, student, self.plan.total_steps, self.device)
-        self.runner = self._wrap(fd_dist.ObjectiveModule(student, objective))
+        self.trained = fd_dist.ObjectiveModule(student, objective)  # the student, and the objective's own state
+        self.optimizer, self.scheduler, self.scaler = build_optimizer(c, self.trained, self.plan.total_steps,
+                                                                      self.device)  # fmt: skip
+        self.runner = self._wrap(self.trained)
         self.mask_gen = torch.Generator().manual_seed(c.seed + world.rank)
         self.step = self.tokens_seen = self.bad_in_a_row = 0
         self.before: dict | None = None  # the held-out evaluation before training
@@ -155,6 +158,14 @@ class Trainer:
         except fd_checkpoint.CheckpointError as e:
             raise fd_checkpoint.CheckpointError(f"--resume: {e}") from e
         state = loaded.state
+        extra = self.objective.trainable()
+        if extra is not None:
+            if state.get("objective") is None:
+                raise fd_checkpoint.CheckpointError(
+                    f"--resume: {loaded.path} holds no state of the objective (a projection between the widths); "
+                    "it was written by a run with other losses"
+                )
+            extra.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
@@ -296,7 +307,7 @@ class Trainer:
             self._reduce(sums)
         if self.scaler is not None and not sums.bad_terms:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.c.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained.parameters(), self.c.max_grad_norm)
         if not sums.bad_terms and self.scaler is None and not torch.isfinite(grad_norm):
             sums.bad_terms = ["gradient"]  # identical on every process: the gradients were averaged
         if sums.bad_terms:
@@ -364,6 +375,10 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 
+    def _objective_state(self) -> dict | None:
+        trained = self.objective.trainable()
+        return trained.state_dict() if trained is not None else None
+
     def checkpoint(self, extra: dict | None = None) -> Path | None:
         """Write a checkpoint of the last step boundary (a collective: every process calls it)."""
         rng_per_rank = self.world.gather(self.boundary.rng)  # every process's random streams
@@ -374,6 +389,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "objective": self._objective_state(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "before": self.before,

@@ -50,7 +50,7 @@ tail -30 "$OUT/tests.log"
 step "benchmarks (GPU goals only)"
 rm -f "$OUT/bench-rows.jsonl"
 FASTDISTIL_BENCH_QUICK=1 FASTDISTIL_BENCH_ROWS="$OUT/bench-rows.jsonl" timeout 150 \
-  "$PY" -m benchmarks.run attention kd_loss cosine_loss distill_head train_step --out cuda-quick.json \
+  "$PY" -m benchmarks.run attention kd_loss cosine_loss distill_head relation_kl train_step --out cuda-quick.json \
   > "$OUT/bench.log" 2>&1
 bench_status=$?
 tail -5 "$OUT/bench.log"

@@ -7,6 +7,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -348,3 +349,26 @@ def test_fastdistil_attention_inside_teacher_and_student(tmp_path, capsys):
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=0.1)  # dropout masks differ; the run does not
     config = (tmp_path / "fastdistil_varlen" / "student" / "config.json").read_text()
     assert "fastdistil" not in config
+
+
+def test_vocabulary_sequences_are_whole_words_and_train_only(tmp_path):
+    tok = _tokenizer(tmp_path)
+    rows = fd_data.vocabulary_sequences(tok, 50, np.array([6, 20]), seed=3)["input_ids"]
+    assert len(rows) == 50 and {len(r) for r in rows} <= {6, 20}
+    vocab = {i: t for t, i in tok.get_vocab().items()}
+    for r in rows:
+        assert r[0] == tok.cls_token_id and r[-1] == tok.sep_token_id
+        assert all(vocab[i].isalpha() and not vocab[i].startswith("##") and i not in tok.all_special_ids
+                   for i in r[1:-1])  # fmt: skip
+    assert rows == fd_data.vocabulary_sequences(tok, 50, np.array([6, 20]), seed=3)["input_ids"]
+    teacher = _teacher(tmp_path, mlm=False)
+    plain = json.loads(_run_config(tmp_path, teacher, "plain"))
+    mixed = json.loads(_run_config(tmp_path, teacher, "mixed", "--vocab_fraction", "0.5"))
+    assert mixed["eval_sequences"] == plain["eval_sequences"]  # the held-out split is the corpus' own text
+    assert mixed["train_sequences"] == plain["train_sequences"] + round(0.5 * plain["train_sequences"])
+
+
+def _run_config(tmp_path, teacher, name, *extra):
+    c = fd_train.resolve_config(_args(tmp_path, teacher, name, "--max_steps", "1", *extra))
+    assert fd_train.train(c).exit_code == 0
+    return (tmp_path / name / "train_config.json").read_text()

@@ -41,6 +41,11 @@ class Objective:
     def terms(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def trainable(self) -> nn.Module | None:
+        """What the objective trains besides the student (a projection between two widths, ...): optimised,
+        clipped, checkpointed and resumed with the student, never saved as part of it. None: nothing."""
+        return None
+
     def __call__(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None) -> Losses:
         return self.combine(self.terms(input_ids, attention_mask, labels))
 

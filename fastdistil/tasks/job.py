@@ -66,6 +66,11 @@ def is_builtin(c) -> bool:
     return c.data in (fd_data.BUILTIN_CORPUS, builtin.BUILTIN_TASK_DATA)
 
 
+# Options of the task-agnostic job that --task does not take yet (each given a non-default value is refused).
+UNTASKED = ("student_hidden_size", "student_num_heads", "student_intermediate_size", "alpha_hidden", "alpha_attention",
+            "alpha_relation", "layer_map")
+
+
 def check_flags(c):
     """The task job's flag checks; returns the config with the task loss weights' defaults filled in."""
     import os
@@ -78,6 +83,10 @@ def check_flags(c):
         raise UsageError(f"--task {c.task} has no built-in data: give --data (and --test_data or --test_fraction)")
     if c.student_config or c.student_pretrained:
         raise UsageError("--task students start from the teacher's layers: use --student_layers")
+    shaped = [f"--{k}" for k in UNTASKED if getattr(c, k)]
+    if shaped:
+        raise UsageError(f"{', '.join(shaped)}: narrower students and layer-wise losses are not supported with --task "
+                         "yet (its students are layer subsets of the teacher, distilled on the task logits)")
     c = dataclasses.replace(c, alpha_kd=1.0 if c.alpha_kd is None else c.alpha_kd,
                             alpha_label=0.5 if c.alpha_label is None else c.alpha_label)  # fmt: skip
     if c.alpha_kd + c.alpha_label + c.alpha_cos == 0:
