@@ -280,6 +280,23 @@ def sequence_lengths(seqs) -> np.ndarray:
     )
 
 
+def vocabulary_sequences(tokenizer, n: int, lengths: np.ndarray, seed: int):
+    """n sequences of whole words drawn uniformly from the tokenizer's vocabulary ([CLS] words [SEP]), with
+    lengths drawn from `lengths` (the corpus'): text that holds every word of the vocabulary, not only the
+    corpus' own, so the student meets the teacher on words its corpus never uses (--vocab_fraction)."""
+    import datasets
+
+    special = set(tokenizer.all_special_ids)
+    words = np.array(sorted(i for t, i in tokenizer.get_vocab().items()
+                            if t.isalpha() and not t.startswith("##") and i not in special))  # fmt: skip
+    rng = np.random.default_rng(seed)
+    rows = [[tokenizer.cls_token_id, *rng.choice(words, max(int(L) - 2, 1)).tolist(), tokenizer.sep_token_id]
+            for L in rng.choice(lengths, n)]  # fmt: skip
+    id_type = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else "int32"
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value(id_type))})
+    return datasets.Dataset.from_dict({"input_ids": rows}, features=features)
+
+
 def split_train_eval(n: int, eval_fraction: float, seed: int, max_eval: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic held-out split of n sequence indices."""
     if n < 2:
