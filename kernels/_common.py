@@ -59,6 +59,15 @@ def kd_result(m_s, d_s, m_t, d_t, w):
     return kl, lse_s, lse_t
 
 
+@triton.jit
+def keys_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM: tl.constexpr):
+    """Which keys offs_n of batch row b count: before kv_end and, with a (B, L) uint8 key padding mask, kept."""
+    valid = offs_n < kv_end
+    if HAS_KPM:
+        valid &= tl.load(kpm_ptr + b * L + offs_n, mask=valid, other=0) != 0
+    return valid
+
+
 def mask_arg(row_mask, like):
     """(pointer argument, HAS_MASK) for an optional (N,) bool row mask; `like` stands in when there is none."""
     if row_mask is None:

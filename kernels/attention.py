@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from fastdistil.dropout_seed import dropout_threshold, fold_seed
-from fastdistil.kernels._common import device_ctx
+from fastdistil.kernels._common import device_ctx, keys_valid
 
 LOG2E = 1.4426950408889634
 
@@ -89,19 +89,11 @@ def _key_block(k_base, v_base, skm, svm, kpm_ptr, b, L, n0, kv_end, offs_d, dmas
                BLOCK_N: tl.constexpr):  # fmt: skip
     """Keys n0 .. n0 + BLOCK_N of one sequence: their positions, which are attended to, and the K and V tiles."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    kvalid = _key_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
+    kvalid = keys_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
     kvmask = (offs_n < kv_end)[:, None] & dmask[None, :]
     k = tl.load(k_base + offs_n[:, None].to(tl.int64) * skm + offs_d[None, :], mask=kvmask, other=0.0)
     v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svm + offs_d[None, :], mask=kvmask, other=0.0)
     return offs_n, kvalid, k, v
-
-
-@triton.jit
-def _key_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM: tl.constexpr):
-    valid = offs_n < kv_end
-    if HAS_KPM:
-        valid &= tl.load(kpm_ptr + b * L + offs_n, mask=valid, other=0) != 0
-    return valid
 
 
 @triton.jit(do_not_specialize=["seed", "L"])  # L: used as a value (dropout counter), never 1-specialised
@@ -184,7 +176,7 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if pid_n * BLOCK_N < kv_end:  # key blocks past the last kept key get exact zeros
-        kvalid = _key_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
+        kvalid = keys_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
         k = tl.load(K + b * skb + h * skh + cols[:, None] * skm + offs_d[None, :], mask=nmask, other=0.0)
         v = tl.load(V + b * svb + h * svh + cols[:, None] * svm + offs_d[None, :], mask=nmask, other=0.0)
         q_base = Q + b * sqb + h * sqh + start.to(tl.int64) * sqm

@@ -16,18 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdistil.kernels._common import device_ctx
+from fastdistil.kernels._common import device_ctx, keys_valid
 
 LOG2E = 1.4426950408889634
 MASKED = tl.constexpr(-1e30)  # a finite -inf for padding keys (a constexpr: read inside the kernels)
-
-
-@triton.jit
-def _keys_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM: tl.constexpr):
-    valid = offs_n < kv_end
-    if HAS_KPM:
-        valid &= tl.load(kpm_ptr + b * L + offs_n, mask=valid, other=0) != 0
-    return valid
 
 
 @triton.jit
@@ -85,7 +77,7 @@ def _relation_kl_fwd_kernel(
     if tl.program_id(1) * BLOCK_M < kv_end:  # query blocks past the last real token are all padding
         for n0 in range(0, kv_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            kvalid = _keys_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
+            kvalid = keys_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
             s = _scores(a_s, _tile(SR, b, r, offs_n, kvalid, r_sb, r_sr, r_sl, DS, BLOCK_DS), ss2, kvalid,
                         DOT_PRECISION)  # fmt: skip
             t = _scores(a_t, _tile(TR, b, r, offs_n, kvalid, u_sb, u_sr, u_sl, DT, BLOCK_DT), ts2, kvalid,
@@ -150,7 +142,7 @@ def _relation_kl_bwd_dl_kernel(
         g, lse_s, lse_t = _row_stats(G, LSE_S, LSE_T, bh, offs_m, L)
         for n0 in range(0, kv_end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            kvalid = _keys_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
+            kvalid = keys_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
             b_s = _tile(SR, b, r, offs_n, kvalid, r_sb, r_sr, r_sl, DS, BLOCK_DS)
             b_t = _tile(TR, b, r, offs_n, kvalid, u_sb, u_sr, u_sl, DT, BLOCK_DT)
             ds = _dscores(a_s, b_s, a_t, b_t, g, lse_s, lse_t, real, kvalid, ss2, ts2, DOT_PRECISION)
@@ -174,7 +166,7 @@ def _relation_kl_bwd_dr_kernel(
     kv_end = _kv_end(kv_end_ptr, b, L, HAS_KPM)
     acc = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
     if tl.program_id(1) * BLOCK_N < kv_end:  # key blocks past the last real key get exact zeros
-        kvalid = _keys_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
+        kvalid = keys_valid(kpm_ptr, b, L, offs_n, kv_end, HAS_KPM)
         b_s = _tile(SR, b, r, offs_n, kvalid, r_sb, r_sr, r_sl, DS, BLOCK_DS)
         b_t = _tile(TR, b, r, offs_n, kvalid, u_sb, u_sr, u_sl, DT, BLOCK_DT)
         for m0 in range(0, kv_end, BLOCK_M):  # rows past kv_end are padding: they add 0

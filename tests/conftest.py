@@ -54,6 +54,24 @@ def available(impls: dict) -> list:
     return params
 
 
+def skip_bf16_dots_under_the_interpreter(impl: str, dtype: torch.dtype) -> None:
+    if impl == "cuda_triton" and not HAS_CUDA and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; bf16 runs on a GPU")
+
+
+def padding_mask(B: int, L: int, device, pattern: str = "padded"):
+    """Padding patterns of the attention-style ops: a hole in the middle (row 0), right padding (row 1) and, when
+    B > 2, a sequence with nothing kept at all (row 2); None for pattern "none"."""
+    if pattern == "none":
+        return None
+    m = torch.ones(B, L, dtype=torch.bool)
+    m[0, L // 3 : L // 3 + 4] = False
+    m[1, L // 2 :] = False
+    if B > 2:
+        m[2, :] = False
+    return m.to(device)
+
+
 def assert_close_3way(out, oracle, torch_lowp, *, factor=2.0, atol=1e-6, rtol=1e-6, what="output"):
     """The three-way rule of flash-attention / cut-cross-entropy, on max errors:
         max |ours - ref64| <= factor * max |ref_lp - ref64| + atol + rtol * max |ref64|

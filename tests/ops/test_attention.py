@@ -11,28 +11,19 @@ import torch
 import fastdistil
 from fastdistil.ops import attention, attention_varlen, op_module
 from fastdistil.ops.attention import pad_output, unpad_input
-from tests.conftest import HAS_CUDA, IMPL_DEVICE, assert_close_3way, available, output_rounding_slack
+from tests.conftest import (
+    IMPL_DEVICE,
+    assert_close_3way,
+    available,
+    output_rounding_slack,
+    padding_mask,
+    skip_bf16_dots_under_the_interpreter,
+)
 
 A = op_module("attention")
 IMPLS = available(A.FWD_IMPLS)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 GEOMETRIES = [(37, 32), (129, 64)]  # odd L: partial query and key blocks; both head sizes of BERT-family models
-
-
-def _skip_unsupported(impl, dtype):
-    if impl == "cuda_triton" and not HAS_CUDA and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; bf16 runs on a GPU")
-
-
-def _mask(B, L, device, pattern):
-    """Three padding patterns per batch: a hole in the middle, right padding, and (row 2) nothing kept at all."""
-    if pattern == "none":
-        return None
-    m = torch.ones(B, L, dtype=torch.bool)
-    m[0, L // 3 : L // 3 + 4] = False
-    m[1, L // 2 :] = False
-    m[2, :] = False
-    return m.to(device)
 
 
 def _qkv(B, H, L, D, device, dtype, layout="BLHD", requires_grad=False):
@@ -71,10 +62,10 @@ def _check_fwd_bwd(impl, q, k, v, mask, dropout_p=0.0, seed=0, cu=None, max_seql
 @pytest.mark.parametrize("L,D", GEOMETRIES)
 @pytest.mark.parametrize("pattern", ["none", "padded"])
 def test_forward_and_backward_match_float64(impl, dtype, L, D, pattern):
-    _skip_unsupported(impl, dtype)
+    skip_bf16_dots_under_the_interpreter(impl, dtype)
     device = IMPL_DEVICE[impl]
     q, k, v = _qkv(3, 2, L, D, device, dtype)
-    mask = _mask(3, L, device, pattern)
+    mask = padding_mask(3, L, device, pattern)
     out, lse, grads = _check_fwd_bwd(impl, q, k, v, mask)
     if mask is not None:  # the fully padded row: zeros and -inf, never NaN
         assert torch.all(out[2] == 0) and torch.all(lse[2] == -math.inf)
@@ -88,7 +79,7 @@ def test_forward_and_backward_match_float64(impl, dtype, L, D, pattern):
 def test_contiguous_bhld_layout_and_head_dim_that_is_not_a_power_of_two(impl):
     device = IMPL_DEVICE[impl]
     q, k, v = _qkv(2, 3, 21, 24, device, torch.float32, layout="BHLD")
-    _check_fwd_bwd(impl, q, k, v, _mask(2, 21, device, "none"))
+    _check_fwd_bwd(impl, q, k, v, padding_mask(2, 21, device, "none"))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -96,7 +87,7 @@ def test_contiguous_bhld_layout_and_head_dim_that_is_not_a_power_of_two(impl):
 def test_dropout_matches_the_reference_with_the_same_mask(impl, dropout_p):
     device = IMPL_DEVICE[impl]
     q, k, v = _qkv(3, 2, 37, 32, device, torch.float32)
-    _check_fwd_bwd(impl, q, k, v, _mask(3, 37, device, "padded"), dropout_p=dropout_p, seed=2**40 + 17)
+    _check_fwd_bwd(impl, q, k, v, padding_mask(3, 37, device, "padded"), dropout_p=dropout_p, seed=2**40 + 17)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -165,7 +156,7 @@ def test_varlen_matches_reference_and_the_padded_op(impl, dropout_p):
 
 def test_public_ops_autograd_and_layout():
     q, k, v = _qkv(2, 2, 19, 32, "cpu", torch.float32, requires_grad=True)
-    mask = _mask(3, 19, "cpu", "padded")[1:]
+    mask = padding_mask(3, 19, "cpu", "padded")[1:]
     out = attention(q, k, v, mask)
     assert out.stride() == q.stride()  # (B, L, heads, D) in memory, like the input: transpose(1, 2) is free
     ref = A.attention_ref(q, k, v, mask)

@@ -11,7 +11,15 @@ import torch
 
 import fastdistil
 from fastdistil.ops import op_module, relation_kl
-from tests.conftest import HAS_CUDA, IMPL_DEVICE, assert_close_3way, available, output_rounding_slack
+from tests.conftest import (
+    HAS_CUDA,
+    IMPL_DEVICE,
+    assert_close_3way,
+    available,
+    output_rounding_slack,
+    padding_mask,
+    skip_bf16_dots_under_the_interpreter,
+)
 
 K = op_module("relation_kl")
 IMPLS = available(K.FWD_IMPLS)
@@ -28,23 +36,6 @@ def small_tiles(monkeypatch):
     if K.triton_relation_kl is not None and not HAS_CUDA:
         tiles = {d: (16, 16, 4) for d in (16, 32, 64, 128, 256)}
         monkeypatch.setattr(K.triton_relation_kl, "TILES", {"fp32": tiles, "half": tiles})
-
-
-def _skip_unsupported(impl, dtype):
-    if impl == "cuda_triton" and not HAS_CUDA and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter computes bf16 tl.dot wrongly; bf16 runs on a GPU")
-
-
-def _mask(B, L, device, pattern):
-    """Padding patterns: a hole in the middle (row 0), right padding (row 1), a fully padded sequence (row 2)."""
-    if pattern == "none":
-        return None
-    m = torch.ones(B, L, dtype=torch.bool)
-    m[0, L // 3 : L // 3 + 4] = False
-    m[1, L // 2 :] = False
-    if B > 2:
-        m[2, :] = False
-    return m.to(device)
 
 
 def _operands(B, R, L, Ds, Dt, device, dtype, layout="BLHD"):
@@ -82,10 +73,10 @@ def _check(impl, sl, sr, tl, tr, mask, ss=0.35, ts=0.2):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "L{}_Ds{}_Dt{}".format(*g))
 def test_matches_reference(impl, dtype, geometry):
-    _skip_unsupported(impl, dtype)
+    skip_bf16_dots_under_the_interpreter(impl, dtype)
     L, Ds, Dt = geometry
     ops = _operands(3, 2, L, Ds, Dt, IMPL_DEVICE[impl], dtype)
-    _check(impl, *ops, _mask(3, L, IMPL_DEVICE[impl], "padded"))
+    _check(impl, *ops, padding_mask(3, L, IMPL_DEVICE[impl], "padded"))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -100,7 +91,7 @@ def test_self_relations_and_identical_models(impl):
     """Q-Q relations (left is right), and a student equal to its teacher: KL 0 and zero gradients."""
     device = IMPL_DEVICE[impl]
     x, _, y, _ = _operands(2, 2, 37, 16, 24, device, torch.float32)
-    mask = _mask(2, 37, device, "padded")
+    mask = padding_mask(2, 37, device, "padded")
     _check(impl, x, x, y, y, mask)
     kl, dsl, dsr = _check(impl, x, x, x, x, mask, ss=0.25, ts=0.25)
     assert kl.abs().max() < 1e-5 and (dsl + dsr).abs().max() < 1e-5
@@ -110,7 +101,7 @@ def test_public_op_matches_the_eager_formulation():
     """relation_kl (mean over real query rows) and its gradient against the eager maps: matmul, mask, log_softmax,
     softmax, kl_div; one tensor passed as left and right (the relation case) gets both halves of its gradient."""
     sl, _, tl, _ = _operands(3, 4, 37, 8, 24, "cpu", torch.float32)
-    mask = _mask(3, 37, "cpu", "padded")
+    mask = padding_mask(3, 37, "cpu", "padded")
     a, b = sl.detach().clone().requires_grad_(), sl.detach().clone().requires_grad_()
     ours, eager = relation_kl(a, a, tl, tl, mask), K.relation_kl_ref(b, b, tl, tl, mask)
     torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
@@ -123,7 +114,7 @@ def test_public_op_matches_the_eager_formulation():
 
 def test_reductions_and_the_reference_switch():
     sl, sr, tl, tr = _operands(3, 2, 21, 8, 8, "cpu", torch.float32)
-    mask = _mask(3, 21, "cpu", "padded")
+    mask = padding_mask(3, 21, "cpu", "padded")
     rows = relation_kl(sl, sr, tl, tr, mask, reduction="none")
     assert rows.shape == (3, 2, 21)
     n_real = int(mask.sum()) * 2
@@ -141,7 +132,7 @@ def test_padding_may_hold_nan(impl):
     run with zeros there, and the padding rows get exactly 0."""
     device = IMPL_DEVICE[impl]
     clean = [x.contiguous() for x in _operands(3, 2, 37, 8, 16, device, torch.float32)]
-    mask = _mask(3, 37, device, "padded")
+    mask = padding_mask(3, 37, device, "padded")
     dirty = [torch.where(mask[:, None, :, None], x, float("nan")) for x in clean]
     results = []
     for sl, sr, tl, tr in (clean, dirty):
@@ -156,7 +147,7 @@ def test_padding_may_hold_nan(impl):
 
 def test_nan_in_a_real_row_propagates():
     sl, sr, tl, tr = _operands(2, 2, 21, 8, 8, "cpu", torch.float32, "contiguous")
-    mask = _mask(2, 21, "cpu", "padded")
+    mask = padding_mask(2, 21, "cpu", "padded")
     sl[0, 0, 0, 0] = float("nan")
     assert torch.isnan(relation_kl(sl, sr, tl, tr, mask))
 
@@ -164,14 +155,14 @@ def test_nan_in_a_real_row_propagates():
 def test_gradcheck():
     sl, sr, tl, tr = (x.detach().requires_grad_(i < 2) for i, x in enumerate(_operands(2, 2, 9, 4, 6, "cpu",
                                                                                       torch.float64)))  # fmt: skip
-    mask = _mask(2, 9, "cpu", "padded")
+    mask = padding_mask(2, 9, "cpu", "padded")
     assert torch.autograd.gradcheck(lambda a, b: relation_kl(a, b, tl, tr, mask, reduction="none"), (sl, sr))
 
 
 def test_opcheck():
     sl, sr, tl, tr = (x.contiguous() for x in _operands(2, 2, 19, 8, 16, "cpu", torch.float32))
     sl.requires_grad_(), sr.requires_grad_()
-    mask = _mask(2, 19, "cpu", "padded")
+    mask = padding_mask(2, 19, "cpu", "padded")
     torch.library.opcheck(torch.ops.fastdistil.relation_kl_fwd, (sl, sr, tl, tr, mask, 0.3, 0.2))
     torch.library.opcheck(torch.ops.fastdistil.relation_kl_fwd, (sl, sr, tl, tr, None, 0.3, 0.2))
 
