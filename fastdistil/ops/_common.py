@@ -117,3 +117,8 @@ def is_eager(t: Tensor) -> bool:
     """True for a plain tensor outside any tracing (torch.compile, opcheck, fake tensors): where a backward may
     mutate saved buffers or read a value on the host."""
     return type(t) is Tensor and torch._C._len_torch_dispatch_stack() == 0
+
+
+def unit_stride(x: Tensor) -> Tensor:
+    """x itself when its last stride is 1 (the kernels read rows of contiguous elements), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from fastdistil import backend
 from fastdistil.dropout_seed import dropout_threshold, fold_seed  # noqa: F401  (part of the op's spec)
+from fastdistil.ops._common import unit_stride
 
 try:  # needs `triton`; absent on CPU-only installs
     from fastdistil.kernels import attention as triton_attention
@@ -318,10 +319,6 @@ def _check_triton_tiles(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(triton_attention.unsupported_reason(q.shape[-1], q.dtype))
 
 
-def _unit_stride(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()  # the kernels read rows of D contiguous elements
-
-
 def attention(
     q: Tensor,
     k: Tensor,
@@ -356,7 +353,7 @@ def attention(
     dropout_p, scale, seed = _check_dropout_scale_seed(dropout_p, scale, seed, D)
     _check_triton_tiles(q, k, v)
     out, _ = torch.ops.fastdistil.attention_fwd(
-        _unit_stride(q), _unit_stride(k), _unit_stride(v), key_padding_mask, None, 0, dropout_p, scale, seed
+        unit_stride(q), unit_stride(k), unit_stride(v), key_padding_mask, None, 0, dropout_p, scale, seed
     )
     return _nan_rows_stay_nan(q, out)
 
@@ -395,7 +392,7 @@ def attention_varlen(
     dropout_p, scale, seed = _check_dropout_scale_seed(dropout_p, scale, seed, q.shape[-1])
     _check_triton_tiles(q, k, v)
     out, _ = torch.ops.fastdistil.attention_fwd(
-        _unit_stride(q), _unit_stride(k), _unit_stride(v), None, cu_seqlens, int(max_seqlen), dropout_p, scale, seed
+        unit_stride(q), unit_stride(k), unit_stride(v), None, cu_seqlens, int(max_seqlen), dropout_p, scale, seed
     )
     return _nan_rows_stay_nan(q, out)
 

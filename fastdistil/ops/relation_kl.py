@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fastdistil import backend
-from fastdistil.ops._common import check_reduction, reference_kernels
+from fastdistil.ops._common import check_reduction, reference_kernels, unit_stride
 
 try:  # needs `triton`; absent on CPU-only installs
     from fastdistil.kernels import relation_kl as triton_relation_kl
@@ -324,10 +324,6 @@ def _check_scale(name: str, scale, D: int) -> float:
     return float(scale)
 
 
-def _unit_stride(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def relation_kl(
     student_left: Tensor,
     student_right: Tensor,
@@ -358,8 +354,8 @@ def relation_kl(
     if reference_kernels():  # the spec, differentiated by autograd
         kl, _, _ = relation_kl_fwd_ref(student_left, student_right, tl, tr, key_padding_mask, ss, ts)
     else:
-        sl, sr = _unit_stride(student_left), _unit_stride(student_right)
-        kl, _, _ = torch.ops.fastdistil.relation_kl_fwd(sl, sr, _unit_stride(tl), _unit_stride(tr),
+        sl, sr = unit_stride(student_left), unit_stride(student_right)
+        kl, _, _ = torch.ops.fastdistil.relation_kl_fwd(sl, sr, unit_stride(tl), unit_stride(tr),
                                                         key_padding_mask, ss, ts)  # fmt: skip
     if reduction == "none":
         return kl
