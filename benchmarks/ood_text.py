@@ -1,5 +1,5 @@
 """python -m benchmarks.ood_text DICT OUT [--max_lines N]: English prose from another domain than the built-in
-corpus (the King James Bible), for the out-of-domain columns of the README's recipe tables.
+corpus (the World English Bible), for the out-of-domain columns of the README's recipe tables.
 
 DICT is a dictd database, plain or gzipped (.dict / .dict.dz): the README uses FOLDOC, the Free On-line Dictionary
 of Computing (Debian's dict-foldoc package), whose entries are paragraphs of technical English. Each paragraph of

@@ -525,11 +525,9 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_positions(teacher: Model, c) -> None:
-    positions = getattr(teacher.model.config, "max_position_embeddings", None)
     for flag in ("seq_len", "max_seq_len"):
-        if positions is not None and getattr(c, flag) > positions:
-            given = getattr(c, flag)
-            raise EvalError(f"--{flag} {given}: the teacher {teacher.name} takes at most {positions} positions")
+        fd_models.check_positions(teacher.model.config, getattr(c, flag), flag, who=f"the teacher {teacher.name}",
+                                  error=EvalError)  # fmt: skip
 
 
 def check_common(c) -> None:

@@ -116,9 +116,7 @@ def with_teacher_defaults(c, teacher: fd_models.Teacher):
     weights = (c.alpha_ce, c.alpha_mlm, c.alpha_cos, c.alpha_mse, c.alpha_hidden, c.alpha_attention, c.alpha_relation)
     if sum(weights) == 0:
         raise UsageError("every loss weight is 0: nothing to train")
-    max_positions = getattr(teacher.model.config, "max_position_embeddings", None)
-    if max_positions is not None and c.max_seq_len > max_positions:
-        raise UsageError(f"--max_seq_len {c.max_seq_len}: the teacher takes at most {max_positions} positions")
+    fd_models.check_positions(teacher.model.config, c.max_seq_len, "max_seq_len")
     return c
 
 

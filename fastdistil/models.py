@@ -268,6 +268,13 @@ def student_pretrained(path: str, teacher: Teacher) -> nn.Module:
     return model.train()
 
 
+def check_positions(config, length: int, flag: str, *, who: str = "the teacher", error=UsageError) -> None:
+    """A sequence length the model's position embeddings cover, or one line naming the flag that asked for more."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and length > positions:
+        raise error(f"--{flag} {length}: {who} takes at most {positions} positions")
+
+
 def check_compatible(student: nn.Module, teacher: Teacher, need_same_hidden: bool) -> None:
     s_vocab, t_vocab = student.config.vocab_size, teacher.model.config.vocab_size
     if s_vocab != t_vocab:

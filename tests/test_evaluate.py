@@ -221,6 +221,16 @@ def test_tokenizer_mismatch_is_an_error(workdir, capsys):
     assert "tokenizer differs from the teacher's" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--seq_len", "--max_seq_len"])
+def test_lengths_beyond_the_teachers_positions_are_one_line_errors(workdir, capsys, flag):
+    argv = ["--teacher", str(workdir / "teacher"), "--students", str(workdir / "student1"),
+            *_common(workdir, flag, "65"), "--out", str(workdir / "too-long")]  # fmt: skip
+    assert fd_eval.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {flag} 65: the teacher {workdir / 'teacher'} takes at most 64 positions", err
+    assert not (workdir / "too-long").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Compression
 

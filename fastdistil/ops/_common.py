@@ -92,6 +92,15 @@ def check_temperature(temperature) -> float:
     return t
 
 
+def check_softmax_scale(name: str, scale, head_dim: int) -> float:
+    """The scale of attention-style scores q.k: a finite number > 0, or None for 1 / sqrt(head dimension)."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{name} must be a finite number > 0 or None (1 / sqrt(head dimension)), got {scale!r}")
+    return float(scale)
+
+
 def check_reduction(reduction: str, allowed=REDUCTIONS) -> None:
     if reduction not in allowed:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fastdistil import backend
 from fastdistil.dropout_seed import dropout_threshold, fold_seed  # noqa: F401  (part of the op's spec)
-from fastdistil.ops._common import unit_stride
+from fastdistil.ops._common import check_softmax_scale, unit_stride
 
 try:  # needs `triton`; absent on CPU-only installs
     from fastdistil.kernels import attention as triton_attention
@@ -295,10 +295,7 @@ def _check_qkv(q, k, v, rank: int, layout: str) -> None:
 def _check_dropout_scale_seed(dropout_p, scale, seed, D: int) -> tuple[float, float, int]:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0 <= dropout_p < 1:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if scale is None:
-        scale = D**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a finite number > 0 or None (1 / sqrt(D)), got {scale!r}")
+    scale = check_softmax_scale("scale", scale, D)
     if seed is None:
         # Drawn from torch's CPU generator: reproducible under torch.manual_seed, and no device sync.
         seed = int(torch.randint(0, 2**62, ()).item()) if dropout_p > 0 else 0

@@ -24,13 +24,12 @@ Where each piece lives:
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
 
 from fastdistil import backend
-from fastdistil.ops._common import check_reduction, reference_kernels, unit_stride
+from fastdistil.ops._common import check_reduction, check_softmax_scale, reference_kernels, unit_stride
 
 try:  # needs `triton`; absent on CPU-only installs
     from fastdistil.kernels import relation_kl as triton_relation_kl
@@ -316,14 +315,6 @@ def _check_operands(sl, sr, tl, tr, key_padding_mask) -> None:
         raise ValueError(f"key_padding_mask must be on {sl.device} like the operands, got {key_padding_mask.device}")
 
 
-def _check_scale(name: str, scale, D: int) -> float:
-    if scale is None:
-        return D**-0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"{name} must be a finite number > 0 or None (1 / sqrt(head dimension)), got {scale!r}")
-    return float(scale)
-
-
 def relation_kl(
     student_left: Tensor,
     student_right: Tensor,
@@ -348,8 +339,8 @@ def relation_kl(
     """
     _check_operands(student_left, student_right, teacher_left, teacher_right, key_padding_mask)
     check_reduction(reduction, ("mean", "sum", "none"))
-    ss = _check_scale("student_scale", student_scale, student_left.shape[-1])
-    ts = _check_scale("teacher_scale", teacher_scale, teacher_left.shape[-1])
+    ss = check_softmax_scale("student_scale", student_scale, student_left.shape[-1])
+    ts = check_softmax_scale("teacher_scale", teacher_scale, teacher_left.shape[-1])
     tl, tr = teacher_left.detach(), teacher_right.detach()
     if reference_kernels():  # the spec, differentiated by autograd
         kl, _, _ = relation_kl_fwd_ref(student_left, student_right, tl, tr, key_padding_mask, ss, ts)

@@ -121,9 +121,7 @@ def check_sets(sets: Sets, label2id: dict, teacher: str) -> None:
 
 
 def check_positions(c, config) -> None:
-    max_positions = getattr(config, "max_position_embeddings", None)
-    if max_positions is not None and c.max_seq_len > max_positions:
-        raise UsageError(f"--max_seq_len {c.max_seq_len}: the teacher takes at most {max_positions} positions")
+    fd_models.check_positions(config, c.max_seq_len, "max_seq_len")
     if c.task == QUESTION_ANSWERING and c.doc_stride >= c.max_seq_len // 2:
         raise UsageError(f"--doc_stride {c.doc_stride} must be below half of --max_seq_len {c.max_seq_len}")
 
