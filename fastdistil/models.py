@@ -59,21 +59,8 @@ def load_teacher(name_or_path: str) -> Teacher:
         raise ModelError(f"--teacher {name_or_path}: no such directory")
     if local and not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelError(f"--teacher {name_or_path}: not a transformers checkpoint (no config.json)")
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except Exception as e:
-        raise ModelError(f"--teacher {name_or_path}: cannot read its config ({first_line(e)})") from e
-    check_family(config, f"--teacher {name_or_path}")
-    if local and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
-        raise ModelError(
-            f"--teacher {name_or_path}: no usable tokenizer saved with it (none of {', '.join(_TOKENIZER_FILES)})"
-        )
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, use_fast=True)
-    except Exception as e:
-        raise ModelError(f"--teacher {name_or_path}: no usable tokenizer saved with it ({first_line(e)})") from e
-    if not getattr(tokenizer, "is_fast", False):
-        raise ModelError(f"--teacher {name_or_path}: its tokenizer is not a fast tokenizer")
+    read_config(path, name_or_path, "--teacher")
+    tokenizer = _fast_tokenizer(path, name_or_path, local)
     try:
         keys = _checkpoint_keys(path) if local else None
     except Exception as e:  # a truncated or damaged weights file: its header does not read
@@ -95,6 +82,33 @@ def load_teacher(name_or_path: str) -> Teacher:
     except Exception as e:
         raise ModelError(f"--teacher {name_or_path}: cannot load its weights ({first_line(e)})") from e
     return Teacher(freeze(model), tokenizer, has_head, name_or_path)
+
+
+def read_config(path: str, name: str, what: str):
+    """The transformers config at `path` (`what name` in errors: "--teacher bert-base-uncased"), of a family
+    fastdistil distils."""
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise ModelError(f"{what} {name}: cannot read its config ({first_line(e)})") from e
+    check_family(config, f"{what} {name}")
+    return config
+
+
+def _fast_tokenizer(path: str, name: str, local: bool):
+    import transformers
+
+    if local and not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        raise ModelError(f"--teacher {name}: no usable tokenizer saved with it (none of {', '.join(_TOKENIZER_FILES)})")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, use_fast=True)
+    except Exception as e:
+        raise ModelError(f"--teacher {name}: no usable tokenizer saved with it ({first_line(e)})") from e
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelError(f"--teacher {name}: its tokenizer is not a fast tokenizer")
+    return tokenizer
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -22,15 +22,7 @@ def checkpoint_path(name_or_path: str, what: str) -> str:
 
 
 def read_config(name_or_path: str, what: str):
-    import transformers
-
-    path = checkpoint_path(name_or_path, what)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except Exception as e:
-        raise ModelError(f"{what} {name_or_path}: cannot read its config ({first_line(e)})") from e
-    fd_models.check_family(config, f"{what} {name_or_path}")
-    return config
+    return fd_models.read_config(checkpoint_path(name_or_path, what), name_or_path, what)
 
 
 def checkpoint_task(config) -> str | None:
