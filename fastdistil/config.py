@@ -132,9 +132,9 @@ def _options() -> list[Option]:
         O("max_seq_len", int, 128, "tokens per sequence, [CLS] and [SEP] included (default 128)", data,
           in_range(3, 512)),
         O("min_seq_len", int, 12, "shorter sequences are dropped (default 12)", data, positive),
-        O("vocab_fraction", float, 0.0, "add this share (of the training sequences) of sequences of whole words drawn "
-          "uniformly from the teacher's vocabulary, so the student also meets words its corpus lacks (default 0.0)",
-          data, in_range(0, 10)),
+        O("vocab_fraction", float, None, "add this share (of the training sequences) of sequences of whole words drawn "
+          "uniformly from the teacher's vocabulary, so the student also meets words its corpus lacks (default 0.5 "
+          "with the built-in corpus, whose vocabulary is narrow, else 0)", data, in_range(0, 10), optional=True),
         O("eval_fraction", float, 0.02, "held-out share of the sequences (default 0.02, at most 2000)", data,
           in_range(0, 1, lo_open=True, hi_open=True)),
         O("temperature", float, 2.0, f"softmax temperature of loss_ce, in (0, {MAX_TEMPERATURE:g}] (default 2.0)", obj,

@@ -14,6 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fastdistil import data as fd_data  # noqa: E402
+from fastdistil import job as fd_job  # noqa: E402
 from fastdistil import models as fd_models  # noqa: E402
 from fastdistil import train as fd_train  # noqa: E402
 from fastdistil.objectives import Objective  # noqa: E402
@@ -351,7 +352,7 @@ def test_fastdistil_attention_inside_teacher_and_student(tmp_path, capsys):
     assert "fastdistil" not in config
 
 
-def test_vocabulary_sequences_are_whole_words_and_train_only(tmp_path):
+def test_vocabulary_sequences_are_whole_words_train_only_and_the_builtin_corpus_default(tmp_path):
     tok = _tokenizer(tmp_path)
     rows = fd_data.vocabulary_sequences(tok, 50, np.array([6, 20]), seed=3)["input_ids"]
     assert len(rows) == 50 and {len(r) for r in rows} <= {6, 20}
@@ -366,6 +367,12 @@ def test_vocabulary_sequences_are_whole_words_and_train_only(tmp_path):
     mixed = json.loads(_run_config(tmp_path, teacher, "mixed", "--vocab_fraction", "0.5"))
     assert mixed["eval_sequences"] == plain["eval_sequences"]  # the held-out split is the corpus' own text
     assert mixed["train_sequences"] == plain["train_sequences"] + round(0.5 * plain["train_sequences"])
+    assert plain["vocab_fraction"] == 0.0  # the user's own corpus trains on itself by default
+    builtin = fd_train.resolve_config([])
+    assert fd_job.with_data_defaults(builtin, texts_given=False).vocab_fraction == fd_job.BUILTIN_CORPUS_VOCAB_FRACTION
+    assert fd_job.with_data_defaults(builtin, texts_given=True).vocab_fraction == 0.0
+    given = fd_train.resolve_config(["--vocab_fraction", "0.25"])
+    assert fd_job.with_data_defaults(given, texts_given=False).vocab_fraction == 0.25
 
 
 def _run_config(tmp_path, teacher, name, *extra):
