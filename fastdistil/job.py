@@ -335,6 +335,7 @@ def _run(c, world: fd_dist.World, teacher, texts, signals: StopOnSignal) -> RunR
     c = p.c
     torch.manual_seed(c.seed + world.rank)  # dropout differs between processes (DDP syncs the weights)
     train_idx, eval_idx = fd_data.split_train_eval(len(p.seqs), c.eval_fraction, c.seed)
+    n_corpus_train = len(train_idx)
     p, train_idx = with_vocabulary_sequences(p, train_idx)
     trainer = Trainer(c, p.student, p.objective, train_data(p, train_idx), p.teacher.tokenizer, world=world,
                       device=c.device, out=p.out, evaluate=evaluation(p, eval_idx), signals=signals)  # fmt: skip
@@ -349,7 +350,7 @@ def _run(c, world: fd_dist.World, teacher, texts, signals: StopOnSignal) -> RunR
         if world.is_main:
             p.out.mkdir(parents=True, exist_ok=True)
             write_config(p, trainer, len(train_idx), len(eval_idx), world)
-            announce(p, trainer, len(train_idx), len(eval_idx), world)
+            announce(p, trainer, len(train_idx), len(eval_idx), len(train_idx) - n_corpus_train, world)
         world.barrier()
         fit = _fit_or_rescue(p, trainer)
     if fit.stop_reason:
@@ -393,7 +394,7 @@ def write_config(p: Prepared, trainer: Trainer, n_train: int, n_eval: int, world
     atomic_write(p.out / "train_config.json", json.dumps(resolved, indent=2, default=str))
 
 
-def announce(p: Prepared, trainer: Trainer, n_train: int, n_eval: int, world) -> None:
+def announce(p: Prepared, trainer: Trainer, n_train: int, n_eval: int, n_vocab: int, world) -> None:
     c, teacher = p.c, p.teacher
     head = "" if teacher.has_mlm_head else " (the teacher has no MLM head: hidden states only)"
     terms = " + ".join(f"{w:g} {k}" for k, w in p.objective.weights.items() if w)
@@ -402,10 +403,11 @@ def announce(p: Prepared, trainer: Trainer, n_train: int, n_eval: int, world) ->
     init = "--student_pretrained" if c.student_pretrained else "random" if c.student_config else c.student_init
     width = f" x {s_width} wide (the teacher: {t_width}; initialised {init})" if s_width != t_width else ""
     processes = f", {world.size} processes x {c.batch_size} sequences" if world.active else ""
+    vocab = f" ({n_vocab} of them vocabulary sequences, --vocab_fraction {c.vocab_fraction:g})" if n_vocab else ""
     print(
         f"fastdistil: teacher {c.teacher} ({fd_models.num_layers(teacher.model)} layers){head} -> student "
-        f"{fd_models.num_layers(p.student)} layers{layers}{width}; loss = {terms}; {n_train} training / {n_eval} "
-        f"held-out sequences; {trainer.plan.total_steps} steps; kernels={c.kernels}, attention={p.attention}, "
+        f"{fd_models.num_layers(p.student)} layers{layers}{width}; loss = {terms}; {n_train} training{vocab} / "
+        f"{n_eval} held-out sequences; {trainer.plan.total_steps} steps; kernels={c.kernels}, attention={p.attention}, "
         f"precision={c.precision}, device={c.device}{processes}",
         flush=True,
     )

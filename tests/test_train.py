@@ -352,7 +352,7 @@ def test_fastdistil_attention_inside_teacher_and_student(tmp_path, capsys):
     assert "fastdistil" not in config
 
 
-def test_vocabulary_sequences_are_whole_words_train_only_and_the_builtin_corpus_default(tmp_path):
+def test_vocabulary_sequences_are_whole_words_train_only_and_the_builtin_corpus_default(tmp_path, capsys):
     tok = _tokenizer(tmp_path)
     rows = fd_data.vocabulary_sequences(tok, 50, np.array([6, 20]), seed=3)["input_ids"]
     assert len(rows) == 50 and {len(r) for r in rows} <= {6, 20}
@@ -364,7 +364,10 @@ def test_vocabulary_sequences_are_whole_words_train_only_and_the_builtin_corpus_
     assert rows == fd_data.vocabulary_sequences(tok, 50, np.array([6, 20]), seed=3)["input_ids"]
     teacher = _teacher(tmp_path, mlm=False)
     plain = json.loads(_run_config(tmp_path, teacher, "plain"))
+    assert "vocabulary sequences" not in capsys.readouterr().out
     mixed = json.loads(_run_config(tmp_path, teacher, "mixed", "--vocab_fraction", "0.5"))
+    n_vocab = mixed["train_sequences"] - plain["train_sequences"]
+    assert f"{mixed['train_sequences']} training ({n_vocab} of them vocabulary sequences" in capsys.readouterr().out
     assert mixed["eval_sequences"] == plain["eval_sequences"]  # the held-out split is the corpus' own text
     assert mixed["train_sequences"] == plain["train_sequences"] + round(0.5 * plain["train_sequences"])
     assert plain["vocab_fraction"] == 0.0  # the user's own corpus trains on itself by default
